@@ -1,0 +1,93 @@
+"""The one owner of everything the extension starts, and its load / unload."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from . import process
+from .magics import ConcurMagics, await_timeout_cells
+from .timeout import install_handler, uninstall_handler
+
+__all__ = ["Extension"]
+
+
+class Extension:
+    """The extension loaded into one shell: its magics, its transformer, and what they started.
+
+    Everything that starts a thread, task, timer, child process or client registers a closer with
+    :meth:`own`; :meth:`close` (unload, kernel shutdown) runs them newest first, then kills any
+    process-mode child still running. ``close`` is idempotent and may be called from any thread.
+    """
+
+    _loaded: ClassVar[dict[int, Extension]] = {}
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.magics = ConcurMagics(shell=shell)
+        self.transformer = await_timeout_cells(shell)
+        self._closers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def load(cls, shell: Any) -> Extension:
+        """Register the magics with ``shell`` (again, if already loaded, it is a no-op)."""
+        existing = cls._loaded.get(id(shell))
+        if existing is not None:
+            return existing
+        ext = cls(shell)
+        shell.register_magics(ext.magics)
+        shell.input_transformers_post.append(ext.transformer)
+        if threading.current_thread() is threading.main_thread():
+            install_handler()
+        atexit.register(ext.close)
+        cls._loaded[id(shell)] = ext
+        return ext
+
+    @classmethod
+    def unload(cls, shell: Any) -> None:
+        """Undo :meth:`load` and close everything the extension started."""
+        ext = cls._loaded.pop(id(shell), None)
+        if ext is None:
+            return
+        manager = shell.magics_manager
+        for kind, table in ext.magics.magics.items():
+            for name in table:
+                registered = manager.magics[kind].get(name)
+                if getattr(registered, "__self__", None) is ext.magics:
+                    del manager.magics[kind][name]
+        manager.registry.pop(type(ext.magics).__name__, None)
+        if ext.transformer in shell.input_transformers_post:
+            shell.input_transformers_post.remove(ext.transformer)
+        atexit.unregister(ext.close)
+        ext.close()
+
+    def own(self, closer: Callable[[], None]) -> Callable[[], None]:
+        """Register ``closer`` to run when the extension closes; returns it. Thread-safe."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the concur_magics extension has been unloaded")
+            self._closers.append(closer)
+        return closer
+
+    def disown(self, closer: Callable[[], None]) -> None:
+        """Forget a closer whose resource ended by itself. Thread-safe."""
+        with self._lock:
+            if closer in self._closers:
+                self._closers.remove(closer)
+
+    def close(self) -> None:
+        """Stop everything the extension started. Idempotent; thread-safe."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            closers, self._closers = self._closers[::-1], []
+        for closer in closers:
+            closer()
+        process.kill_all()
+        if threading.current_thread() is threading.main_thread():
+            uninstall_handler()

@@ -1,0 +1,73 @@
+"""A headless tour: start a real kernel, load the extension, run each magic, print what cells show.
+
+Run it with ``python -m concur_magics.tour``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+
+from .frontend import Cell, running_kernel
+
+CELLS: list[tuple[str, str]] = [
+    ("Load the extension", "%load_ext concur_magics"),
+    ("A pure-Python loop, stopped by a signal at the deadline", "%%timeout 1\nn = 0\nwhile True:\n    n += 1"),
+    ("The namespace is intact: the loop got this far", "n"),
+    ("time.sleep is interrupted too", "%%timeout 0.5\nimport time\ntime.sleep(60)"),
+    (
+        "C code that holds the GIL can't see signals: run it in a forked child, killed at the deadline",
+        "%%timeout 1 --mode process\nprint('the child starts summing')\nsum(range(10**13))",
+    ),
+    (
+        "A process-mode cell sees the whole namespace; the names it assigns come back",
+        "%%timeout 10 --mode process\nimport os\nchild_pid = os.getpid()\nsquares = [i * i for i in range(n % 7)]\n"
+        "print('computed in pid', child_pid)\nlen(squares)",
+    ),
+    ("They are here now", "squares, child_pid != os.getpid()"),
+    ("A cell that awaits is cancelled at its await", "%%timeout 0.5\nimport asyncio\nawait asyncio.sleep(60)"),
+    ("Bad arguments are refused with the usage line, and the cell does not run", "%%timeout soon\nprint('never')"),
+    ("The same from plain Python", "import concur_magics\nconcur_magics.run_with_timeout(sum, 2, range(10**6), mode='process')"),
+    ("Unloading removes the magics and stops everything the extension started", "%unload_ext concur_magics"),
+]
+
+
+def main() -> int:
+    """Run the tour; return 0 if every cell showed what it should (errors included on purpose)."""
+    os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
+    print("Starting an ipykernel with jupyter_client ...", flush=True)
+    with running_kernel() as kernel:
+        for number, (title, code) in enumerate(CELLS, start=1):
+            start = time.monotonic()
+            cell = kernel.execute(code, timeout=120)
+            elapsed = time.monotonic() - start
+            print(f"\n── [{number}] {title}  ({cell.status}, {elapsed:.2f} s)")
+            print(textwrap.indent(code, "  In  │ "))
+            shown = _shown(cell)
+            if shown:
+                print(textwrap.indent(shown, "  Out │ ", lambda _: True))
+    return 0
+
+
+def _shown(cell: Cell) -> str:
+    """The cell's output as a reader sees it, with tracebacks cut down to their last line."""
+    parts: list[str] = []
+    last_stream = None
+    for out in cell.outputs:
+        kind = out["output_type"]
+        if kind == "stream" and out["name"] == last_stream:
+            parts[-1] += out["text"]  # a frontend joins consecutive text of one stream
+        elif kind == "stream":
+            parts.append(out["text"])
+        elif kind in ("execute_result", "display_data"):
+            parts.append(out["data"].get("text/plain", ""))
+        elif kind == "error":
+            parts.append(f"{out['ename']}: {out['evalue']}")
+        last_stream = out["name"] if kind == "stream" else None
+    return "\n".join(p.rstrip("\n") for p in parts if p.strip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Fixtures: real kernels started with jupyter_client, and leak checks."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from concur_magics.frontend import Cell, Kernel, running_kernel
+
+# jupyter_core warns on every start unless told which directory layout to use.
+os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
+
+
+def _start(load: bool = True) -> Iterator[Kernel]:
+    with running_kernel(startup_timeout=60) as kernel:
+        if load:
+            cell = kernel.execute("%load_ext concur_magics", timeout=60)
+            assert cell.status == "ok", cell.text
+        yield kernel
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Iterator[Kernel]:
+    """An ipykernel with the extension loaded, shared by the tests of one module."""
+    yield from _start()
+
+
+@pytest.fixture
+def fresh_kernel() -> Iterator[Kernel]:
+    """A new ipykernel with the extension loaded, for tests that count what the kernel holds."""
+    yield from _start()
+
+
+def run(kernel: Kernel, code: str, timeout: float = 60) -> Cell:
+    """Run a cell and return what a frontend shows in it."""
+    return kernel.execute(code, timeout=timeout)
+
+
+def value(kernel: Kernel, expr: str) -> str:
+    """The text/plain value of ``expr`` in the kernel."""
+    cell = run(kernel, expr)
+    assert cell.status == "ok", cell.text
+    return str(cell.results[-1]["text/plain"])
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail if a test leaves threads or child processes behind in this process."""
+    threads = set(threading.enumerate())
+    yield
+    # A thread that is being joined may take a moment to leave the list; 5 s is far beyond that.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        extra = [t for t in threading.enumerate() if t not in threads and t.is_alive()]
+        children = psutil.Process().children(recursive=True)
+        if not extra and not children:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"leaked threads {extra} / child processes {children}")
