@@ -1,0 +1,35 @@
+"""Every example notebook runs clean, unattended, in a real kernel (nbclient)."""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+from concur_magics.frontend import python_kernelspec_dir
+
+EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
+NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
+
+
+def test_there_are_examples() -> None:
+    assert NOTEBOOKS, f"no notebooks in {EXAMPLES}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path: pathlib.Path) -> None:
+    notebook = nbformat.read(path, as_version=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = KernelSpecManager(kernel_dirs=[python_kernelspec_dir(tmp)], ensure_native_kernel=False)
+        manager = KernelManager(kernel_name="concur-python", kernel_spec_manager=specs)
+        # Each notebook must finish within a minute on 2 cores (cells within 60 s each).
+        client = NotebookClient(notebook, km=manager, timeout=60, startup_timeout=60,
+                                resources={"metadata": {"path": str(EXAMPLES)}})
+        client.execute(cleanup_kc=True)  # we made the manager, so tell nbclient to clean up
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors
