@@ -205,8 +205,10 @@ class Kernel:
         return int(provisioner.process.pid)  # type: ignore[union-attr]
 
     def shutdown(self) -> None:
+        """Stop the channels and the kernel (if it still runs). Idempotent."""
         self.client.stop_channels()
-        self.manager.shutdown_kernel(now=False)
+        if self.manager.has_kernel:
+            self.manager.shutdown_kernel(now=False)
 
 
 def python_kernelspec_dir(root: str) -> str:

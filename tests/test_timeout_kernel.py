@@ -264,3 +264,19 @@ def test_unload_removes_the_magic_and_reload_works(fresh_kernel: Kernel) -> None
     run(fresh_kernel, "%load_ext concur_magics")
     cell = run(fresh_kernel, "%%timeout 1\n'back'")
     assert cell.results[-1]["text/plain"] == "'back'"
+
+
+def test_kernel_shutdown_leaves_no_child_behind() -> None:
+    import psutil
+
+    from concur_magics.frontend import running_kernel
+
+    with running_kernel() as kernel:
+        run(kernel, "%load_ext concur_magics")
+        kernel.execute("%%timeout 120 --mode process\nimport time\ntime.sleep(120)", wait=False)
+        kernel.wait_until(lambda: bool(kernel.children()), timeout=30, what="the process-mode child")
+        children = kernel.children()
+        # Killed outright, so no clean-up code of ours runs in the kernel: the child must notice.
+        kernel.manager.shutdown_kernel(now=True)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
