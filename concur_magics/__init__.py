@@ -2,7 +2,9 @@
 
 The magics are thin wrappers over a plain-Python API that works without IPython too::
 
-    from concur_magics import CellTimeout, run_with_timeout, timeout
+    from concur_magics import CellTimeout, background, run_with_timeout, timeout
+
+    job = background(fetch_all)        # a Job: result(), cancel(), status, await job
 
     with timeout(2):
         slow_call()
@@ -14,13 +16,17 @@ from __future__ import annotations
 from typing import Any
 
 from .cells import CompiledCell, compile_cell
+from .jobs import Job
 from .process import NamesNotCopiedWarning
+from .runners import background
 from .timeout import CellTimeout, run_cell_with_timeout, run_with_timeout, timeout
 
 __all__ = [
     "CellTimeout",
     "CompiledCell",
+    "Job",
     "NamesNotCopiedWarning",
+    "background",
     "compile_cell",
     "load_ipython_extension",
     "run_cell_with_timeout",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from . import process
-from .magics import ConcurMagics, await_timeout_cells
+from . import process, runners
+from .jobs import JOBS
+from .magics import ConcurMagics
 from .timeout import install_handler, uninstall_handler
+from .transform import await_loop_magics
 
 __all__ = ["Extension"]
 
@@ -27,7 +30,7 @@ class Extension:
     def __init__(self, shell: Any) -> None:
         self.shell = shell
         self.magics = ConcurMagics(shell=shell)
-        self.transformer = await_timeout_cells(shell)
+        self.transformer = await_loop_magics(shell)
         self._closers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -43,6 +46,10 @@ class Extension:
         shell.input_transformers_post.append(ext.transformer)
         if threading.current_thread() is threading.main_thread():
             install_handler()
+        try:
+            runners.kernel_loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # a terminal IPython: loop jobs use whatever loop runs when they start
         atexit.register(ext.close)
         cls._loaded[id(shell)] = ext
         return ext
@@ -88,6 +95,11 @@ class Extension:
             closers, self._closers = self._closers[::-1], []
         for closer in closers:
             closer()
+        stuck = JOBS.cancel_all(join=2.0)
+        if stuck:
+            names = ", ".join(job.label for job in stuck)
+            print(f"concur_magics: jobs still running after cancel (stuck in C code?): {names}")
+        runners.kernel_loop = None
         process.kill_all()
         if threading.current_thread() is threading.main_thread():
             uninstall_handler()

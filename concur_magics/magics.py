@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import ast
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Enum, Float, TraitError, validate
 
-from .cells import CompiledCell, awaits_at_top_level, compile_cell
+from . import runners
+from .cells import CompiledCell, compile_cell
+from .jobs import JOBS, Job, JobsView
 from .timeout import MODES, check_seconds, run_cell_with_timeout, run_cell_with_timeout_async
 
 __all__ = ["ConcurMagics", "parse_args"]
@@ -26,8 +28,7 @@ def parse_args(magic: Callable[..., Any], line: str) -> argparse.Namespace:
     try:
         return parse_argstring(magic, line)
     except UsageError as exc:
-        usage = magic.parser.format_usage().strip()  # type: ignore[attr-defined]
-        raise UsageError(f"{exc}\n{usage}") from None
+        raise UsageError(f"{exc}\n{_usage(magic)}") from None
 
 
 def seconds(text: str) -> float:
@@ -48,7 +49,7 @@ def seconds(text: str) -> float:
 
 @magics_class
 class ConcurMagics(Magics):
-    """Magics that run cells alongside other work: ``%%timeout``."""
+    """Magics that run cells alongside other work: ``%%timeout``, ``%%background``, ``%jobs``."""
 
     default_timeout_mode = Enum(
         list(MODES),
@@ -120,8 +121,8 @@ class ConcurMagics(Magics):
     async def timeout_async(self, line: str, cell: str) -> Any:
         """``%%timeout`` for a cell that awaits at top level; the cell runs on the kernel's loop.
 
-        A transformer (:func:`await_timeout_cells`) routes such cells here so the kernel awaits
-        them instead of calling the synchronous magic.
+        :mod:`concur_magics.transform` routes such cells here so the kernel awaits them instead
+        of calling the synchronous magic.
         """
         __tracebackhide__ = True
         args, compiled = self._prepare_timeout(line, cell)
@@ -145,53 +146,158 @@ class ConcurMagics(Magics):
         args.mode = args.mode or self.default_timeout_mode
         return args, compile_cell(cell, shell=self.shell, first_line=2)
 
+    @magic_arguments()
+    @argument("-n", "--name", help="a name for the job, for %%jobs and %%jobs cancel NAME")
+    @argument("-o", "--out", metavar="VAR", help="bind the Job to VAR at once")
+    @argument(
+        "--mode",
+        choices=runners.MODES,
+        default=None,
+        help="thread: run in a worker thread (for blocking code); loop: run as a task on the "
+        "kernel's event loop, no thread (for code that awaits). Default: loop if the cell awaits "
+        "at top level, thread otherwise.",
+    )
+    @argument("--timeout", type=seconds, metavar="SECONDS", help="stop the job after this long")
+    @cell_magic
+    def background(self, line: str, cell: str) -> None:
+        """Run the cell alongside the notebook and return at once; its output stays in this cell.
 
-def await_timeout_cells(shell: Any) -> Callable[[list[str]], list[str]]:
-    """An input transformer that makes the kernel await ``%%timeout`` cells that use ``await``.
+        The job runs in the notebook's namespace: the names it assigns are there when it ends. Its
+        prints, displays, final value and traceback appear under this cell, also after the cell
+        has returned and while other cells run. ``-o VAR`` binds a ``concur_magics.Job`` (a future:
+        ``result()``, ``cancel()``, ``status``, ``await job``).
 
-    IPython turns ``%%timeout 2`` cells into a synchronous ``run_cell_magic(...)`` call, which
-    cannot await on the loop it runs on. For a body with top-level await we emit an awaited call to
-    :meth:`ConcurMagics.timeout_async` instead; the kernel then runs the cell as a coroutine on its
-    own loop, as it does any cell that awaits.
-    """
+        Examples
+        --------
+        ::
 
-    def transform(lines: list[str]) -> list[str]:
-        source = "".join(lines)
-        if "run_cell_magic('timeout'" not in source:
-            return lines
-        call = _single_cell_magic_call(source, "timeout")
-        if call is None:
-            return lines
-        line, body = call
+            In [1]: %%background -n slow -o job
+               ...: import time
+               ...: time.sleep(2)
+               ...: answer = 42
+               ...: answer
+            Job #1 slow [thread] running — import time
+            42
+
+            In [2]: job.status, job.result()
+            Out[2]: ('done', 42)
+        """
+        __tracebackhide__ = True
+        args = parse_args(self.background, line)
+        if args.out is not None and not args.out.isidentifier():
+            raise UsageError(f"-o needs a variable name, got {args.out!r}\n{_usage(self.background)}")
+        job = runners.background(
+            cell, name=args.name, mode=args.mode, timeout=args.timeout, shell=self.shell, first_line=2
+        )
+        if args.out is not None:
+            self._namespace[args.out] = job
+
+    @magic_arguments()
+    @argument(
+        "action",
+        nargs="?",
+        default="list",
+        choices=("list", "cancel", "wait", "clear"),
+        help="list (default): a table of jobs; cancel: stop jobs; wait: wait for jobs to end; "
+        "clear: forget jobs that have ended",
+    )
+    @argument(
+        "jobs",
+        nargs="*",
+        metavar="ID|NAME",
+        help="jobs to cancel or wait for, by id, name, or the variable given to -o "
+        "(wait: default all running jobs)",
+    )
+    @argument("--timeout", type=seconds, metavar="SECONDS", help="wait: give up after this long")
+    @line_magic
+    def jobs(self, line: str) -> JobsView | None:
+        """List, cancel, wait for or forget background jobs.
+
+        Examples
+        --------
+        ::
+
+            In [3]: %jobs
+            Out[3]:
+            id  name  mode    status  elapsed  cell
+            1   slow  thread  done    2.0 s    import time
+
+            In [4]: %jobs cancel slow
+            In [5]: %jobs wait --timeout 10
+            In [6]: %jobs clear
+        """
+        args, targets = self._parse_jobs(line)
+        if args.action == "list":
+            return JOBS.view()
+        if args.action == "clear":
+            print(f"forgot {JOBS.clear()} finished job(s)")
+            return None
+        if args.action == "cancel":
+            for job in targets:
+                job.cancel()
+            return JOBS.view(targets)
+        # wait, reached synchronously (inside a function): fine for threads, not for loop jobs.
+        if any(job.mode == "loop" and not job.done() for job in targets):
+            raise UsageError(
+                "%jobs wait for loop jobs must be awaited on the kernel's loop: use it at the top "
+                "level of a cell (not inside a function), or `await job`"
+            )
+        import concurrent.futures
+
+        concurrent.futures.wait([job._future for job in targets], timeout=args.timeout)
+        return self._waited(targets)
+
+    async def jobs_async(self, line: str) -> JobsView | None:
+        """``%jobs wait`` on the kernel's loop, so loop jobs keep running while it waits."""
+        args, targets = self._parse_jobs(line)
+
+        async def ended(job: Job) -> None:
+            try:
+                await job
+            except BaseException:  # noqa: BLE001 - the job's own cell shows its failure
+                pass
+
+        waiters = [asyncio.ensure_future(ended(job)) for job in targets]
+        if waiters:
+            _, pending = await asyncio.wait(waiters, timeout=args.timeout)
+            for waiter in pending:
+                waiter.cancel()
+        return self._waited(targets)
+
+    def _parse_jobs(self, line: str) -> tuple[argparse.Namespace, list[Job]]:
+        args = parse_args(self.jobs, line)
+        usage = _usage(self.jobs)
+        if args.action in ("list", "clear") and args.jobs:
+            raise UsageError(f"%jobs {args.action} takes no job ids or names\n{usage}")
+        if args.action == "cancel" and not args.jobs:
+            raise UsageError(f"%jobs cancel needs job ids or names\n{usage}")
+        if args.timeout is not None and args.action != "wait":
+            raise UsageError(f"--timeout goes with %jobs wait\n{usage}")
+        targets = [self._find_job(key, usage) for key in args.jobs]
+        if args.action == "wait" and not args.jobs:
+            targets = [job for job in JOBS if not job.done()]
+        return args, targets
+
+    def _find_job(self, key: str, usage: str) -> Job:
+        """A job by id, name, or a variable it was bound to with ``-o``."""
         try:
-            if not awaits_at_top_level(shell.transform_cell(body)):
-                return lines
-        except SyntaxError:
-            return lines  # the synchronous magic reports it, in the cell
-        return [
-            "await get_ipython().magics_manager.registry['ConcurMagics']"
-            f".timeout_async({line!r}, {body!r})\n"
-        ]
+            return JOBS.find(key)
+        except KeyError as exc:
+            bound = self._namespace.get(key)
+            if isinstance(bound, Job):
+                return bound
+            raise UsageError(f"{exc.args[0]}\n{usage}") from None
 
-    return transform
+    @staticmethod
+    def _waited(targets: list[Job]) -> JobsView | None:
+        if not targets:
+            print("no jobs to wait for")
+            return None
+        running = [job.label for job in targets if not job.done()]
+        if running:
+            print(f"still running: {', '.join(running)}")
+        return JOBS.view(targets)
 
 
-def _single_cell_magic_call(source: str, name: str) -> tuple[str, str] | None:
-    """``(line, body)`` if ``source`` is exactly ``get_ipython().run_cell_magic(name, line, body)``."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr):
-        return None
-    call = tree.body[0].value
-    if not (
-        isinstance(call, ast.Call)
-        and isinstance(call.func, ast.Attribute)
-        and call.func.attr == "run_cell_magic"
-        and len(call.args) == 3
-        and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in call.args)
-    ):
-        return None
-    magic, line, body = (a.value for a in call.args)  # type: ignore[attr-defined]
-    return (line, body) if magic == name else None
+def _usage(magic: Callable[..., Any]) -> str:
+    return str(magic.parser.format_usage().strip())  # type: ignore[attr-defined]

@@ -1,0 +1,78 @@
+"""Route a job's output to the cell that started it.
+
+ipykernel keeps the parent header of the executing request — which cell output belongs to — in
+``contextvars`` for its streams, display publisher and display hook. A job captures the context of
+the cell that starts it and runs everything in a copy of it: its thread, its task, and the calls
+below that show its value, its traceback and its status. Output then carries the originating
+cell's header while the job runs, after that cell's reply and while other cells run; frontends keep
+listening to a cell's messages until it is run again, so it lands under that cell.
+
+The job's status line is a display with a ``display_id``; when the job ends it is refreshed with
+``update_display_data``, which frontends apply to every output showing that id.
+
+All methods are thread-safe: they publish through the kernel's IOPub thread, whose loop keeps
+running while the main thread computes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["CellOutput"]
+
+T = TypeVar("T")
+
+
+class CellOutput:
+    """The output area of the cell that was executing when this object was made.
+
+    Without a shell (a script, or a job started with ``show=False``) only what the work itself
+    prints is shown; values, tracebacks and status lines are not.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.context = contextvars.copy_context()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn(*args)`` in a fresh copy of the cell's context (so prints go to the cell).
+
+        A fresh copy each time: a context can't be entered by two threads at once.
+        """
+        return self.context.copy().run(fn, *args)
+
+    def show_value(self, value: Any) -> None:
+        """Show a job's final value in the cell, the way the cell's own result would look."""
+        if value is None or self.shell is None:
+            return
+        self.run(self._publish_value, value)
+
+    def _publish_value(self, value: Any) -> None:
+        data, metadata = self.shell.display_formatter.format(value)
+        self.shell.display_pub.publish(data=data, metadata=metadata)
+
+    def show_error(self, error: BaseException) -> None:
+        """Show the job's traceback in the cell, as IPython shows a failing cell's."""
+        if self.shell is None:
+            return
+        self.run(self._publish_error, error)
+
+    def _publish_error(self, error: BaseException) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.shell.showtraceback((type(error), error, error.__traceback__))
+
+    def show(self, obj: Any, display_id: str, *, update: bool = False) -> None:
+        """Display ``obj`` under ``display_id`` (or refresh every output showing it)."""
+        if self.shell is None:
+            return
+        self.run(self._publish_display, obj, display_id, update)
+
+    def _publish_display(self, obj: Any, display_id: str, update: bool) -> None:
+        data, metadata = self.shell.display_formatter.format(obj)
+        self.shell.display_pub.publish(
+            data=data, metadata=metadata, transient={"display_id": display_id}, update=update
+        )
