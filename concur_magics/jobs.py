@@ -250,7 +250,7 @@ class JobTable:
         return len(self._jobs)
 
     def find(self, key: str) -> Job:
-        """The job with this id (``3`` or ``#3``) or name.
+        """The job with this id (``3`` or ``#3``) or name (the newest job of that name).
 
         Raises
         ------
@@ -261,7 +261,10 @@ class JobTable:
             jobs = list(self._jobs.values())
         wanted = key.lstrip("#")
         for job in jobs:
-            if str(job.id) == wanted or job.name == key:
+            if str(job.id) == wanted:
+                return job
+        for job in reversed(jobs):  # a cell run again makes a new job of the same name
+            if job.name == key:
                 return job
         known = ", ".join(job.label for job in jobs) or "none"
         raise KeyError(f"no job with id or name {key!r} (known: {known})")

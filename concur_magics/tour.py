@@ -30,6 +30,18 @@ CELLS: list[tuple[str, str]] = [
     ("A cell that awaits is cancelled at its await", "%%timeout 0.5\nimport asyncio\nawait asyncio.sleep(60)"),
     ("Bad arguments are refused with the usage line, and the cell does not run", "%%timeout soon\nprint('never')"),
     ("The same from plain Python", "import concur_magics\nconcur_magics.run_with_timeout(sum, 2, range(10**6), mode='process')"),
+    (
+        "%%background: the cell returns at once; the job prints here while other cells run",
+        "%%background -n ticker -o ticker\nimport time\nfor i in range(3):\n    print('tick', i, flush=True)\n"
+        "    time.sleep(0.3)\nticks = 3\n'ticked'",
+    ),
+    ("Meanwhile, another cell runs; its output stays here", "time.sleep(1.2)\nprint('the main thread was busy')"),
+    ("A job on the kernel's own loop: 10,000 coroutines, no thread each", "%%background -n sleepers\nimport asyncio\nawait asyncio.gather(*(asyncio.sleep(1) for _ in range(10_000)))\n'all slept'"),
+    ("A failing job shows its traceback in its own cell", "%%background -n broken\n1 / 0"),
+    ("A job you cancel", "%%background -n forever\nwhile True:\n    pass"),
+    ("%jobs cancel, then %jobs wait (on the kernel's loop, so loop jobs go on)", "%jobs cancel forever\n%jobs wait"),
+    ("%jobs lists them", "%jobs"),
+    ("A Job is a future", "ticker.status, ticker.result(), ticks"),
     ("Unloading removes the magics and stops everything the extension started", "%unload_ext concur_magics"),
 ]
 
@@ -38,17 +50,31 @@ def main() -> int:
     """Run the tour; return 0 if every cell showed what it should (errors included on purpose)."""
     os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
     print("Starting an ipykernel with jupyter_client ...", flush=True)
+    printed: list[tuple[int, str, str, Cell, float]] = []
     with running_kernel() as kernel:
         for number, (title, code) in enumerate(CELLS, start=1):
             start = time.monotonic()
             cell = kernel.execute(code, timeout=120)
             elapsed = time.monotonic() - start
-            print(f"\n── [{number}] {title}  ({cell.status}, {elapsed:.2f} s)")
+            printed.append((number, title, code, cell, elapsed))
+        # Background jobs go on printing into their cells after those cells return: collect a
+        # moment longer, then show every cell as a frontend would show it now.
+        kernel.wait_until(lambda: all(job_done(c) for *_, c, _ in printed), 60, "the tour's jobs")
+        for number, title, code, cell, elapsed in printed:
+            print(f"\n── [{number}] {title}  (reply: {cell.status} in {elapsed:.2f} s)")
             print(textwrap.indent(code, "  In  │ "))
             shown = _shown(cell)
             if shown:
                 print(textwrap.indent(shown, "  Out │ ", lambda _: True))
     return 0
+
+
+def job_done(cell: Cell) -> bool:
+    """True unless the cell shows a job status line that still says pending or running."""
+    return not any(
+        "Job #" in text and (" running" in text or " pending" in text)
+        for text in (r.get("text/plain", "") for r in cell.results)
+    )
 
 
 def _shown(cell: Cell) -> str:

@@ -158,3 +158,10 @@ def test_reprs() -> None:
     assert "import time" in repr(job) and "<b>Job #" in job._repr_html_()
     view = JOBS.view([job])
     assert repr(view).splitlines()[1].split()[:4] == [str(job.id), "api-repr", "thread", "done"]
+
+
+def test_the_newest_job_of_a_name_is_found() -> None:
+    old = background(lambda: "old", name="api-twice")
+    new = background(lambda: "new", name="api-twice")
+    assert JOBS.find("api-twice") is new
+    assert old.result(timeout=WITHIN) == "old" and new.result(timeout=WITHIN) == "new"
