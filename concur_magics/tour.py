@@ -23,7 +23,7 @@ CELLS: list[tuple[str, str]] = [
     ),
     (
         "A process-mode cell sees the whole namespace; the names it assigns come back",
-        "%%timeout 10 --mode process\nimport os\nchild_pid = os.getpid()\nsquares = [i * i for i in range(n % 7)]\n"
+        "%%timeout 10 --mode process\nimport os\nchild_pid = os.getpid()\nsquares = [i * i for i in range(5)]\n"
         "print('computed in pid', child_pid)\nlen(squares)",
     ),
     ("They are here now", "squares, child_pid != os.getpid()"),

@@ -1,0 +1,26 @@
+"""The README's first command: the headless tour runs and shows every magic working."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_tour_shows_every_magic() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "concur_magics.tour"], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for shown in [
+        "CellTimeout: time limit of 1 s exceeded (mode: signal); stopped: CellTimeout was raised",
+        "CellTimeout: time limit of 1 s exceeded (mode: process); stopped: its process and process group",
+        "stopped: the cell's task was cancelled at its await",
+        "UsageError: argument seconds: expected a positive number of seconds",
+        "Out │ ([0, 1, 4, 9, 16], True)",
+        "Out │ tick 0\n  Out │ tick 1\n  Out │ tick 2\n  Out │ 'ticked'",
+        "Out │ 'all slept'",
+        "Out │ ZeroDivisionError: division by zero",
+        "Out │ ('done', 'ticked', 3)",
+    ]:
+        assert shown in out, f"{shown!r} missing from the tour:\n{out}"
