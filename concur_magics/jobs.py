@@ -9,12 +9,48 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["Job", "JobTable", "JOBS", "STATUSES"]
+__all__ = ["CellActivity", "Job", "JobTable", "JOBS", "STATUSES"]
 
 STATUSES = ("pending", "running", "done", "error", "cancelled", "timeout")
 _FINAL = {"done", "error", "cancelled", "timeout"}
+
+
+class CellActivity:
+    """Whether a foreground cell is busy, for ``%%every`` runs that must not race it.
+
+    The extension's pre/post_execute event handlers keep ``executing``. A cell that awaits yields
+    the kernel's loop, so a periodic run could otherwise slip in between its statements — unless
+    the cell is waiting for jobs (``%jobs wait``, or awaiting an ``every`` job), which is asking for
+    them to run. Touched only on the kernel's main thread.
+    """
+
+    executing = False
+    waiting = 0
+
+    @classmethod
+    def started(cls) -> None:
+        cls.executing = True
+
+    @classmethod
+    def finished(cls) -> None:
+        cls.executing = False
+
+    @classmethod
+    def quiet(cls) -> bool:
+        """True when a periodic run may touch the namespace now."""
+        return not cls.executing or cls.waiting > 0
+
+    @classmethod
+    @contextmanager
+    def waiting_for_jobs(cls) -> Iterator[None]:
+        cls.waiting += 1
+        try:
+            yield
+        finally:
+            cls.waiting -= 1
 
 
 class Job:
@@ -32,9 +68,11 @@ class Job:
     name:
         The name given with ``-n``, or None.
     mode:
-        ``"thread"`` or ``"loop"``.
+        ``"thread"``, ``"loop"`` or ``"every"``.
     source:
         The cell body (or a description of the callable).
+    skipped:
+        For ``%%every`` jobs: runs skipped because a cell was executing or a run was still going.
     """
 
     _ids = itertools.count(1)
@@ -44,8 +82,10 @@ class Job:
         self.name = name
         self.mode = mode
         self.source = source
+        self.skipped = 0
         self._future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._lock = threading.Lock()
+        # Reentrant: a runner's cancel hook may finish the job while cancel() holds the lock.
+        self._lock = threading.RLock()
         self._status = "pending"
         self._started: float | None = None
         self._ended: float | None = None
@@ -149,7 +189,10 @@ class Job:
         # The job may end on another thread: hand the outcome to this loop through its one
         # thread-safe door.
         self._future.add_done_callback(lambda f: loop.call_soon_threadsafe(copy_outcome, f))
-        return (yield from waiter.__await__())
+        if self.mode != "every":
+            return (yield from waiter.__await__())
+        with CellActivity.waiting_for_jobs():  # awaiting a schedule lets it run
+            return (yield from waiter.__await__())
 
     # ------------------------------------------------------------------ runner side
     def _mark_running(self, cancel: Callable[[], object]) -> bool:

@@ -8,8 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from . import process, runners
-from .jobs import JOBS
+from . import process, runners, schedule
+from .jobs import JOBS, CellActivity
 from .magics import ConcurMagics
 from .timeout import install_handler, uninstall_handler
 from .transform import await_loop_magics
@@ -44,6 +44,8 @@ class Extension:
         ext = cls(shell)
         shell.register_magics(ext.magics)
         shell.input_transformers_post.append(ext.transformer)
+        shell.events.register("pre_execute", CellActivity.started)
+        shell.events.register("post_execute", CellActivity.finished)
         if threading.current_thread() is threading.main_thread():
             install_handler()
         try:
@@ -69,6 +71,8 @@ class Extension:
         manager.registry.pop(type(ext.magics).__name__, None)
         if ext.transformer in shell.input_transformers_post:
             shell.input_transformers_post.remove(ext.transformer)
+        shell.events.unregister("pre_execute", CellActivity.started)
+        shell.events.unregister("post_execute", CellActivity.finished)
         atexit.unregister(ext.close)
         ext.close()
 
@@ -95,6 +99,7 @@ class Extension:
             closers, self._closers = self._closers[::-1], []
         for closer in closers:
             closer()
+        schedule.stop_clocks()
         stuck = JOBS.cancel_all(join=2.0)
         if stuck:
             names = ", ".join(job.label for job in stuck)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +13,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Enum, Float, TraitError, validate
 
-from . import runners
+from . import runners, schedule
 from .cells import CompiledCell, compile_cell
-from .jobs import JOBS, Job, JobsView
+from .jobs import JOBS, CellActivity, Job, JobsView
 from .timeout import MODES, check_seconds, run_cell_with_timeout, run_cell_with_timeout_async
 
 __all__ = ["ConcurMagics", "parse_args"]
@@ -28,6 +29,10 @@ def parse_args(magic: Callable[..., Any], line: str) -> argparse.Namespace:
     try:
         return parse_argstring(magic, line)
     except UsageError as exc:
+        negative = [token for token in line.split() if re.fullmatch(r"-\d[\w.]*", token)]
+        if negative:
+            # argparse reads "-5s" as an unknown option; say what is really wrong.
+            exc = UsageError(f"durations must be positive, got {negative[0]!r}")
         raise UsageError(f"{exc}\n{_usage(magic)}") from None
 
 
@@ -49,7 +54,8 @@ def seconds(text: str) -> float:
 
 @magics_class
 class ConcurMagics(Magics):
-    """Magics that run cells alongside other work: ``%%timeout``, ``%%background``, ``%jobs``."""
+    """Magics that run cells alongside other work: ``%%timeout``, ``%%background``, ``%jobs``,
+    ``%clock`` and ``%%every``."""
 
     default_timeout_mode = Enum(
         list(MODES),
@@ -235,7 +241,8 @@ class ConcurMagics(Magics):
         if args.action == "cancel":
             for job in targets:
                 job.cancel()
-            return JOBS.view(targets)
+                print(f"{job.label}: {job.status if job.done() else 'cancelling, ' + _STOPS[job.mode]}")
+            return None
         # wait, reached synchronously (inside a function): fine for threads, not for loop jobs.
         if any(job.mode == "loop" and not job.done() for job in targets):
             raise UsageError(
@@ -259,7 +266,8 @@ class ConcurMagics(Magics):
 
         waiters = [asyncio.ensure_future(ended(job)) for job in targets]
         if waiters:
-            _, pending = await asyncio.wait(waiters, timeout=args.timeout)
+            with CellActivity.waiting_for_jobs():  # periodic runs may go on while we wait
+                _, pending = await asyncio.wait(waiters, timeout=args.timeout)
             for waiter in pending:
                 waiter.cancel()
         return self._waited(targets)
@@ -297,6 +305,94 @@ class ConcurMagics(Magics):
         if running:
             print(f"still running: {', '.join(running)}")
         return JOBS.view(targets)
+
+
+    @magic_arguments()
+    @argument(
+        "--format", default=schedule.DEFAULT_FORMAT, metavar="FMT",
+        help="a time.strftime format (default: %%d-%%m-%%Y %%H:%%M:%%S)",
+    )
+    @argument("--interval", type=seconds, default=1.0, metavar="SECONDS", help="seconds between ticks (default 1)")
+    @argument("--stop", nargs="?", const="all", metavar="ID", help="stop every clock, or the one with this id")
+    @line_magic
+    def clock(self, line: str) -> schedule.Clock | None:
+        """Show a live clock in this cell, updated in place; the cell returns at once.
+
+        Ticks fall on wall-clock multiples of the interval and keep coming while other cells run
+        blocking code (they are published from the kernel's IOPub thread). C code that holds the
+        GIL stops every thread, this one too: the clock resumes when the call returns.
+
+        Examples
+        --------
+        ::
+
+            In [1]: c = %clock --interval 1
+            25-11-2026 11:46:13
+            In [2]: c.stop()
+            In [3]: %clock --stop        # every clock
+        """
+        args = parse_args(self.clock, line)
+        if args.stop is not None:
+            clock_id = None if args.stop == "all" else _clock_id(args.stop, self.clock)
+            try:
+                schedule.stop_clocks(clock_id)
+            except KeyError as exc:
+                raise UsageError(f"{exc.args[0]}\n{_usage(self.clock)}") from None
+            return None
+        try:
+            return schedule.start_clock(self.shell, args.interval, args.format)
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from None
+
+    @magic_arguments()
+    @argument("interval", type=seconds, help="time between runs: 5, 0.5, 500ms, 5s, 2m")
+    @argument("--times", type=int, metavar="N", help="stop after N runs")
+    @argument("-n", "--name", help="a name for the job, for %%jobs and %%jobs cancel NAME")
+    @argument("-o", "--out", metavar="VAR", help="bind the Job to VAR at once")
+    @cell_magic
+    def every(self, line: str, cell: str) -> None:
+        """Run the cell every INTERVAL on the kernel's loop, between other cells, as a job.
+
+        Each run happens while no other cell is executing, so it never races a foreground cell
+        for the namespace; its output goes to this cell. The schedule is a job in ``%jobs``:
+        ``%jobs cancel`` stops it. An exception stops it with status ``error``.
+
+        Examples
+        --------
+        ::
+
+            In [1]: %%every 1s --times 3 -n counter
+               ...: count = globals().get('count', 0) + 1
+               ...: count
+            1
+            2
+            3
+        """
+        args = parse_args(self.every, line)
+        usage = _usage(self.every)
+        if args.times is not None and args.times < 1:
+            raise UsageError(f"--times must be at least 1, got {args.times}\n{usage}")
+        if args.out is not None and not args.out.isidentifier():
+            raise UsageError(f"-o needs a variable name, got {args.out!r}\n{usage}")
+        job = schedule.every(
+            cell, args.interval, times=args.times, name=args.name, shell=self.shell,
+            namespace=self._namespace, first_line=2,
+        )
+        if args.out is not None:
+            self._namespace[args.out] = job
+
+
+_STOPS = {
+    "thread": "stops at its next Python bytecode",
+    "loop": "stops at its next await",
+    "every": "no further runs",
+}
+
+
+def _clock_id(text: str, magic: Callable[..., Any]) -> int:
+    if not text.isdigit():
+        raise UsageError(f"--stop takes a clock id (a number), got {text!r}\n{_usage(magic)}")
+    return int(text)
 
 
 def _usage(magic: Callable[..., Any]) -> str:

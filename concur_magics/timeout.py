@@ -328,14 +328,14 @@ def _drop_handler_frame(tb: Any) -> None:
         tb = tb.tb_next
 
 
-def check_seconds(seconds: float) -> float:
+def check_seconds(seconds: float, what: str = "a time limit") -> float:
     """Return ``seconds`` as a float, or raise ValueError if it is not a positive finite number."""
     try:
         value = float(seconds)
     except (TypeError, ValueError):
-        raise ValueError(f"a time limit must be a number of seconds, got {seconds!r}") from None
+        raise ValueError(f"{what} must be a number of seconds, got {seconds!r}") from None
     if not (0 < value < float("inf")):
-        raise ValueError(f"a time limit must be positive and finite, got {seconds!r}")
+        raise ValueError(f"{what} must be positive and finite, got {seconds!r}")
     return value
 
 

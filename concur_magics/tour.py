@@ -42,6 +42,14 @@ CELLS: list[tuple[str, str]] = [
     ("%jobs cancel, then %jobs wait (on the kernel's loop, so loop jobs go on)", "%jobs cancel forever\n%jobs wait"),
     ("%jobs lists them", "%jobs"),
     ("A Job is a future", "ticker.status, ticker.result(), ticks"),
+    ("%clock: a live clock, updated in place on the kernel's IOPub loop", "clock = %clock --interval 1"),
+    ("It keeps ticking while a cell blocks the main thread", "time.sleep(2.5)\nclock.ticks >= 2, clock.skipped"),
+    ("%clock --stop stops every clock (or one: %clock --stop ID)", "%clock --stop\nclock.running"),
+    (
+        "%%every: a cell run on a schedule, between other cells, no while True",
+        "%%every 300ms --times 3 -n counter -o counter\ncount = globals().get('count', 0) + 1\nprint('run', count)",
+    ),
+    ("Wait for it like any job", "%jobs wait counter\ncounter.status, count"),
     ("Unloading removes the magics and stops everything the extension started", "%unload_ext concur_magics"),
 ]
 

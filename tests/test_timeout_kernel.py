@@ -159,7 +159,7 @@ def test_awaiting_cell_in_process_mode(kernel: Kernel) -> None:
     [
         ("%%timeout", "the following arguments are required: seconds"),
         ("%%timeout abc", "expected a positive number of seconds"),
-        ("%%timeout -1", "expected a positive number of seconds"),
+        ("%%timeout -1", "durations must be positive, got '-1'"),
         ("%%timeout 0", "must be positive"),
         ("%%timeout 1 --mode banana", "invalid choice: 'banana'"),
         ("%%timeout 1 --frobnicate", "unrecognized arguments: --frobnicate"),

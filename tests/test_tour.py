@@ -22,5 +22,8 @@ def test_tour_shows_every_magic() -> None:
         "Out │ 'all slept'",
         "Out │ ZeroDivisionError: division by zero",
         "Out │ ('done', 'ticked', 3)",
+        "Out │ (True, 0)",
+        "Out │ run 1\n  Out │ run 2\n  Out │ run 3",
+        "Out │ ('done', 3)",
     ]:
         assert shown in out, f"{shown!r} missing from the tour:\n{out}"

@@ -1,0 +1,287 @@
+"""Clocks and periodic runs: timers on the kernel's own loops, no ``while True``.
+
+``%clock`` ticks on the **IOPub thread's** Tornado loop, which keeps running while the shell's loop is
+blocked by a computing cell; a tick only formats a time and publishes a display update, and touches
+no user state. ``%%every`` runs cell code, so it uses the **shell's** loop (the main thread): a run
+happens only between cells and never races a foreground cell for the namespace.
+
+A :class:`WallClockTimer` fires on wall-clock multiples of its interval (12:00:01.000, 12:00:02.000,
+...) by computing each next deadline from the wall clock: it cannot drift, and a tick that can't
+happen on time (the process was stopped, or C code held the GIL) is skipped, never bunched up.
+``%%every`` uses Tornado's ``PeriodicCallback``, which runs start-to-start and also skips missed runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import itertools
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from .cells import compile_cell
+from .jobs import JOBS, CellActivity, Job
+from .output import CellOutput
+from .timeout import check_seconds
+
+__all__ = ["CLOCKS", "CellActivity", "Clock", "WallClockTimer", "every", "start_clock", "stop_clocks"]
+
+DEFAULT_FORMAT = "%d-%m-%Y %H:%M:%S"
+
+
+class WallClockTimer:
+    """Call ``callback(scheduled_wall_time)`` on ``loop`` at every wall-clock multiple of ``interval``.
+
+    :meth:`start` and :meth:`stop` are thread-safe: they reach the loop only through
+    ``IOLoop.add_callback``.
+    """
+
+    def __init__(self, loop: IOLoop, interval: float, callback: Callable[[float], None]) -> None:
+        self.loop = loop
+        self.interval = check_seconds(interval, "an interval")
+        self.callback = callback
+        self.skipped = 0
+        self._handle: object | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.loop.add_callback(self._schedule_next)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.loop.add_callback(self._cancel)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def _cancel(self) -> None:
+        if self._handle is not None:
+            self.loop.remove_timeout(self._handle)
+            self._handle = None
+
+    def _schedule_next(self, after: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        now = time.time()
+        base = now if after is None else max(now, after)
+        due = (math.floor(base / self.interval) + 1) * self.interval
+        # Deadlines go to the loop in its monotonic time; recomputing from the wall clock at every
+        # tick is what keeps the ticks on the wall clock's multiples.
+        self._handle = self.loop.call_later(due - now, self._tick, due)
+
+    def _tick(self, due: float) -> None:
+        self._handle = None
+        if self._stopped.is_set():
+            return
+        late = time.time() - due
+        if late >= self.interval:
+            self.skipped += int(late // self.interval)
+        try:
+            self.callback(due)
+        finally:
+            self._schedule_next(after=due)
+
+
+_clock_ids = itertools.count(1)
+
+
+class Clock:
+    """A live clock shown in a cell; :meth:`stop` stops it (thread-safe).
+
+    Attributes
+    ----------
+    id:
+        The number ``%clock --stop ID`` takes.
+    offsets:
+        For each tick, seconds between the wall-clock second it stands for and the moment it was
+        published (the last 3,600 are kept).
+    """
+
+    def __init__(self, loop: IOLoop, interval: float, fmt: str, out: CellOutput) -> None:
+        self.id = next(_clock_ids)
+        self.interval = check_seconds(interval)
+        self.format = fmt
+        self.out = out
+        self.display_id = f"concur-clock-{id(self):x}-{self.id}"
+        self.offsets: list[float] = []
+        self.ticks = 0
+        self._timer = WallClockTimer(loop, self.interval, self._tick)
+        self._last = time.time()
+
+    def start(self) -> Clock:
+        self.out.show(self._face(self._last), self.display_id)
+        self._timer.start()
+        CLOCKS[self.id] = self
+        return self
+
+    def stop(self) -> None:
+        """Stop ticking; the clock's last time stays shown, marked as stopped."""
+        if self._timer.stopped:
+            return
+        self._timer.stop()
+        CLOCKS.pop(self.id, None)
+        self.out.show(self._face(self._last, stopped=True), self.display_id, update=True)
+
+    @property
+    def running(self) -> bool:
+        return not self._timer.stopped
+
+    @property
+    def skipped(self) -> int:
+        """Ticks that could not happen on time and were skipped."""
+        return self._timer.skipped
+
+    def _tick(self, due: float) -> None:
+        self._last = due
+        self.out.show(self._face(due), self.display_id, update=True)
+        self.ticks += 1
+        self.offsets.append(time.time() - due)
+        del self.offsets[:-3600]
+
+    def _face(self, when: float, stopped: bool = False) -> ClockFace:
+        return ClockFace(time.strftime(self.format, time.localtime(when)), stopped)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Clock {self.id} every {self.interval:g} s, {state}; %clock --stop {self.id} stops it>"
+
+
+class ClockFace:
+    """What a clock shows: the time, as text and as HTML."""
+
+    def __init__(self, text: str, stopped: bool) -> None:
+        self.text = text
+        self.stopped = stopped
+
+    def __repr__(self) -> str:
+        return self.text + (" (stopped)" if self.stopped else "")
+
+    def _repr_html_(self) -> str:
+        colour = "#777" if self.stopped else "inherit"
+        note = " <small>(stopped)</small>" if self.stopped else ""
+        return (
+            f"<span style='font-family:monospace;font-size:1.4em;color:{colour}'>"
+            f"{html.escape(self.text)}</span>{note}"
+        )
+
+
+CLOCKS: dict[int, Clock] = {}
+
+
+def start_clock(shell: Any, interval: float = 1.0, fmt: str = DEFAULT_FORMAT) -> Clock:
+    """Show a live clock in the current cell, ticking on the kernel's IOPub loop.
+
+    Raises
+    ------
+    RuntimeError
+        Outside an ipykernel (a terminal has no output area to update).
+    """
+    kernel = getattr(shell, "kernel", None)
+    iopub = getattr(kernel, "iopub_thread", None)
+    loop = getattr(iopub, "io_loop", None)
+    if loop is None:
+        raise RuntimeError("%clock needs a Jupyter kernel (ipykernel): it updates a cell's output")
+    return Clock(loop, interval, fmt, CellOutput(shell)).start()
+
+
+def stop_clocks(clock_id: int | None = None) -> list[Clock]:
+    """Stop one clock by id, or all; return those stopped.
+
+    Raises
+    ------
+    KeyError
+        For an id that is not a running clock.
+    """
+    if clock_id is not None:
+        if clock_id not in CLOCKS:
+            running = ", ".join(map(str, CLOCKS)) or "none"
+            raise KeyError(f"no running clock {clock_id} (running: {running})")
+        clocks = [CLOCKS[clock_id]]
+    else:
+        clocks = list(CLOCKS.values())
+    for clock in clocks:
+        clock.stop()
+    return clocks
+
+
+def every(
+    source: str,
+    interval: float,
+    *,
+    times: int | None = None,
+    name: str | None = None,
+    shell: Any = None,
+    namespace: dict[str, Any] | None = None,
+    first_line: int = 1,
+) -> Job:
+    """Run cell ``source`` every ``interval`` seconds on the current (kernel) loop, as a Job.
+
+    The first run happens as soon as the loop is free, then one every interval (start to start,
+    missed runs skipped). Runs happen only while no cell is executing — or while a cell waits for
+    jobs (``%jobs wait``, ``await job`` on this job): a run that falls during a cell is skipped. The job ends after ``times`` runs (status ``done``, its value the last run's),
+    when cancelled, or at the first exception (status ``error``, traceback shown in the cell).
+
+    Raises
+    ------
+    ValueError
+        For a bad interval or ``times``.
+    """
+    interval = check_seconds(interval, "an interval")
+    if times is not None and times < 1:
+        raise ValueError(f"times must be at least 1, got {times}")
+    ns = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
+    cell = compile_cell(source, shell=shell, first_line=first_line)
+    job = JOBS.add(Job(source, "every", name))
+    out = CellOutput(shell)
+    loop = IOLoop.current()
+    loop_thread = threading.get_ident()
+    runs = itertools.count(1)
+    state: dict[str, Any] = {"busy": False, "value": None}
+
+    def finish(status: str, error: BaseException | None = None) -> None:
+        periodic.stop()
+        if error is not None:
+            out.show_error(error)
+        job._finish(status, state["value"], error)
+        out.show(job, f"concur-job-{id(job):x}-{job.id}", update=True)
+
+    async def run_once() -> None:
+        __tracebackhide__ = True
+        if state["busy"] or job.done() or not CellActivity.quiet():
+            job.skipped += 1
+            return
+        state["busy"] = True
+        try:
+            value = cell.run(ns) if not cell.is_async else await cell.run_async(ns)
+        except Exception as exc:  # noqa: BLE001 - a failing run ends the schedule
+            finish("error", exc)
+            return
+        finally:
+            state["busy"] = False
+        state["value"] = value
+        out.show_value(value)
+        if times is not None and next(runs) >= times:
+            finish("done")
+
+    def tick() -> None:
+        # Each run in a copy of the starting cell's context, so its output goes there.
+        out.run(asyncio.ensure_future, run_once())
+
+    def cancel() -> None:
+        if threading.get_ident() == loop_thread:
+            finish("cancelled")  # on the loop already: no run is in progress now
+        else:
+            loop.add_callback(lambda: None if job.done() else finish("cancelled"))
+
+    periodic = PeriodicCallback(tick, interval * 1000)
+    job._mark_running(cancel)
+    out.show(job, f"concur-job-{id(job):x}-{job.id}")
+    loop.add_callback(tick)
+    periodic.start()
+    return job
