@@ -35,6 +35,8 @@ class CompiledCell:
         The Python source after IPython's transformers.
     filename:
         The name its code objects and tracebacks use (registered with ``linecache``).
+    first_line:
+        The line of the cell on which ``source`` starts.
     body:
         Code for every statement but a trailing expression; ``None`` if there are none.
     last_expr:
@@ -53,6 +55,7 @@ class CompiledCell:
 
     source: str
     filename: str
+    first_line: int
     body: CodeType | None
     last_expr: CodeType | None
     is_async: bool
@@ -97,6 +100,7 @@ def compile_cell(
     *,
     shell: InteractiveShell | None = None,
     first_line: int = 1,
+    filename: str | None = None,
 ) -> CompiledCell:
     """Transform and compile a cell body.
 
@@ -110,6 +114,9 @@ def compile_cell(
     first_line:
         The line number of the body's first line in the cell, so tracebacks point at the line the
         user sees (2 for the body of a cell magic).
+    filename:
+        Use this name for the code (a cell compiled again elsewhere, e.g. on a Dask worker, keeps
+        the name under which the kernel shows its source).
 
     Raises
     ------
@@ -118,7 +125,7 @@ def compile_cell(
     """
     source = shell.transform_cell(raw) if shell is not None else raw
     padded = "\n" * (first_line - 1) + source
-    filename = _register_source(padded, raw, shell)
+    filename = filename or _register_source(padded, raw, shell)
     tree = ast.parse(padded, filename=filename)
     last: ast.expr | None = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -137,6 +144,7 @@ def compile_cell(
     return CompiledCell(
         source=source,
         filename=filename,
+        first_line=first_line,
         body=body,
         last_expr=last_code,
         is_async=is_async,

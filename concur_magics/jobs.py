@@ -68,7 +68,7 @@ class Job:
     name:
         The name given with ``-n``, or None.
     mode:
-        ``"thread"``, ``"loop"`` or ``"every"``.
+        ``"thread"``, ``"loop"``, ``"every"`` or ``"dask"``.
     source:
         The cell body (or a description of the callable).
     skipped:
@@ -91,6 +91,7 @@ class Job:
         self._ended: float | None = None
         self._cancel: Callable[[], object] | None = None  # set by the runner while the job runs
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop a loop job runs on
+        self._dask_future: Any = None  # the task of a dask job, once submitted
 
     # ------------------------------------------------------------------ state
     @property

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from . import process, runners, schedule
+from . import cluster, process, runners, schedule
 from .jobs import JOBS, CellActivity
 from .magics import ConcurMagics
 from .timeout import install_handler, uninstall_handler
@@ -106,5 +106,6 @@ class Extension:
             print(f"concur_magics: jobs still running after cancel (stuck in C code?): {names}")
         runners.kernel_loop = None
         process.kill_all()
+        cluster.CLUSTER.close()
         if threading.current_thread() is threading.main_thread():
             uninstall_handler()

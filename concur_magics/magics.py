@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -11,9 +12,9 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Enum, Float, TraitError, validate
+from traitlets import Enum, Float, TraitError, Unicode, default, observe, validate
 
-from . import runners, schedule
+from . import cluster, runners, schedule
 from .cells import CompiledCell, compile_cell
 from .jobs import JOBS, CellActivity, Job, JobsView
 from .timeout import MODES, check_seconds, run_cell_with_timeout, run_cell_with_timeout_async
@@ -70,6 +71,37 @@ class ConcurMagics(Magics):
         "where it can't be interrupted (C code) and that --mode process would stop it.",
     ).tag(config=True)
 
+    dask_scheduler = Unicode(
+        help="Address of an existing Dask scheduler (tcp://host:8786) for --dask jobs and "
+        "--mode dask timeouts. Empty: start a local cluster on first use. Default: the "
+        f"{cluster.ENV_SCHEDULER} environment variable.",
+    ).tag(config=True)
+
+    dask_connect_timeout = Float(
+        5.0, help="Seconds to wait for the Dask scheduler before giving up with an error."
+    ).tag(config=True)
+
+    @default("dask_scheduler")
+    def _default_scheduler(self) -> str:
+        return os.environ.get(cluster.ENV_SCHEDULER, "")
+
+    @observe("dask_scheduler")
+    def _scheduler_changed(self, change: dict[str, Any]) -> None:
+        if cluster.CLUSTER.connected and change["new"] != cluster.CLUSTER.address:
+            cluster.CLUSTER.close()
+        cluster.CLUSTER.address = change["new"] or None
+
+    @observe("dask_connect_timeout")
+    def _connect_timeout_changed(self, change: dict[str, Any]) -> None:
+        cluster.CLUSTER.connect_timeout = change["new"]
+
+    @validate("dask_connect_timeout")
+    def _check_connect_timeout(self, proposal: dict[str, Any]) -> float:
+        value = proposal["value"]
+        if not 0 < value < float("inf"):
+            raise TraitError(f"dask_connect_timeout must be a positive number of seconds, got {value!r}")
+        return float(value)
+
     @validate("timeout_grace")
     def _check_grace(self, proposal: dict[str, Any]) -> float:
         value = proposal["value"]
@@ -86,7 +118,8 @@ class ConcurMagics(Magics):
         help="signal: raise CellTimeout in the running code (pure Python, sleeps, socket and "
         "subprocess waits; an awaiting cell is cancelled); process: run the cell in a forked "
         "child that sees the whole namespace, copy the names it assigns back, and kill it with its "
-        "process group at the deadline (also stops C code). "
+        "process group at the deadline (also stops C code); dask: run the cell on a Dask worker "
+        "and, at the deadline, cancel it and have that worker process killed (see %%dask). "
         "Default: ConcurMagics.default_timeout_mode.",
     )
     @cell_magic
@@ -150,6 +183,8 @@ class ConcurMagics(Magics):
     def _prepare_timeout(self, line: str, cell: str) -> tuple[argparse.Namespace, CompiledCell]:
         args = parse_args(self.timeout, line)
         args.mode = args.mode or self.default_timeout_mode
+        if args.mode == "dask":
+            self._sync_cluster()
         return args, compile_cell(cell, shell=self.shell, first_line=2)
 
     @magic_arguments()
@@ -164,6 +199,12 @@ class ConcurMagics(Magics):
         "at top level, thread otherwise.",
     )
     @argument("--timeout", type=seconds, metavar="SECONDS", help="stop the job after this long")
+    @argument(
+        "--dask",
+        action="store_true",
+        help="run the cell on a Dask worker (same as --mode dask): the names it reads are shipped "
+        "with it, the names it assigns come back; see %%dask",
+    )
     @cell_magic
     def background(self, line: str, cell: str) -> None:
         """Run the cell alongside the notebook and return at once; its output stays in this cell.
@@ -190,11 +231,19 @@ class ConcurMagics(Magics):
         """
         __tracebackhide__ = True
         args = parse_args(self.background, line)
+        usage = _usage(self.background)
         if args.out is not None and not args.out.isidentifier():
-            raise UsageError(f"-o needs a variable name, got {args.out!r}\n{_usage(self.background)}")
-        job = runners.background(
-            cell, name=args.name, mode=args.mode, timeout=args.timeout, shell=self.shell, first_line=2
-        )
+            raise UsageError(f"-o needs a variable name, got {args.out!r}\n{usage}")
+        if args.dask and args.mode not in (None, "dask"):
+            raise UsageError(f"--dask and --mode {args.mode} contradict each other\n{usage}")
+        self._sync_cluster()
+        try:
+            job = runners.background(
+                cell, name=args.name, mode="dask" if args.dask else args.mode, timeout=args.timeout,
+                shell=self.shell, first_line=2,
+            )
+        except ConnectionError as exc:
+            raise UsageError(str(exc)) from None
         if args.out is not None:
             self._namespace[args.out] = job
 
@@ -285,6 +334,58 @@ class ConcurMagics(Magics):
         if args.action == "wait" and not args.jobs:
             targets = [job for job in JOBS if not job.done()]
         return args, targets
+
+    @magic_arguments()
+    @argument(
+        "action", nargs="?", default="info", choices=("info", "connect", "close"),
+        help="info (default): scheduler, workers, threads, memory, dashboard; connect ADDRESS: use "
+        "an existing cluster; close: disconnect (and close the local cluster if we started it)",
+    )
+    @argument("address", nargs="?", help="for connect: the scheduler address, e.g. tcp://10.0.0.5:8786")
+    @line_magic
+    def dask(self, line: str) -> cluster.ClusterInfo | None:
+        """Show, connect to, or close the Dask cluster that --dask jobs and --mode dask use.
+
+        By default a local cluster (worker processes, one per core) starts on first use. Set
+        ``CONCUR_DASK_SCHEDULER``, ``%config ConcurMagics.dask_scheduler = "tcp://..."`` or use
+        ``%dask connect ADDRESS`` to use an existing cluster instead (we never shut that one down).
+
+        Examples
+        --------
+        ::
+
+            In [1]: %dask
+            Dask scheduler tcp://127.0.0.1:40123 (local cluster started by concur_magics)
+            workers: 2, threads: 2, memory: 23.4 GiB
+
+            In [2]: %dask connect tcp://10.0.0.5:8786
+            In [3]: %dask close
+        """
+        args = parse_args(self.dask, line)
+        usage = _usage(self.dask)
+        if args.action == "connect":
+            if not args.address:
+                raise UsageError(f"%dask connect needs a scheduler address\n{usage}")
+            cluster.CLUSTER.close()
+            self.dask_scheduler = args.address
+        elif args.address:
+            raise UsageError(f"%dask {args.action} takes no address\n{usage}")
+        if args.action == "close":
+            was = "closed the local cluster" if cluster.CLUSTER.ours else "disconnected"
+            connected = cluster.CLUSTER.connected
+            cluster.CLUSTER.close()
+            print(was if connected else "not connected")
+            return None
+        self._sync_cluster()
+        try:
+            return cluster.CLUSTER.info()
+        except ConnectionError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _sync_cluster(self) -> None:
+        cluster.CLUSTER.connect_timeout = self.dask_connect_timeout
+        if not cluster.CLUSTER.connected:
+            cluster.CLUSTER.address = self.dask_scheduler or None
 
     def _find_job(self, key: str, usage: str) -> Job:
         """A job by id, name, or a variable it was bound to with ``-o``."""
@@ -386,6 +487,7 @@ _STOPS = {
     "thread": "stops at its next Python bytecode",
     "loop": "stops at its next await",
     "every": "no further runs",
+    "dask": "its task is cancelled and its worker process killed",
 }
 
 

@@ -34,6 +34,7 @@ import cloudpickle
 from IPython.core.displaypub import DisplayPublisher
 from tblib import Traceback
 
+from .output import format_traceback, with_rendered_traceback
 from .timeout import CellTimeout
 
 __all__ = ["ChildDied", "ChildResult", "NamesNotCopiedWarning", "live_children", "run_in_child"]
@@ -237,15 +238,18 @@ def _drain(conn: Connection, shell: Any) -> None:
         pass
 
 
-def _rebuild_error(data: bytes | None, tb: dict[str, Any] | None, text: str) -> BaseException:
+def _rebuild_error(
+    data: bytes | None, tb: dict[str, Any] | None, text: str, rendered: list[str] | None = None
+) -> BaseException:
     exc: BaseException
     try:
         exc = pickle.loads(data) if data is not None else ChildDied(text)
     except Exception:  # noqa: BLE001 - an exception that can't be rebuilt is described instead
         exc = ChildDied(f"the cell raised an exception that can't be copied back:\n{text}")
     if tb is not None:
+        # The child's frames, for code that inspects the traceback; IPython shows `rendered`.
         exc = exc.with_traceback(Traceback.from_dict(tb).as_traceback())
-    return exc
+    return with_rendered_traceback(exc, rendered)
 
 
 def _kill_and_reap(pid: int) -> str:
@@ -467,7 +471,13 @@ def _describe_error(exc: BaseException, shell: Any) -> tuple[Any, ...]:
     # Start the traceback at the user's code, not at this module's plumbing.
     while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         tb = tb.tb_next
-    return ("error", data, Traceback(tb).to_dict() if tb is not None else None, text)
+    rendered = None
+    if shell is not None:
+        try:
+            rendered = format_traceback(exc.with_traceback(tb), shell)
+        except Exception:  # noqa: BLE001 - the plain traceback still goes back
+            rendered = None
+    return ("error", data, Traceback(tb).to_dict() if tb is not None else None, text, rendered)
 
 
 def _no_input(prompt: str = "") -> str:

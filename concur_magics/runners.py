@@ -27,7 +27,7 @@ from .timeout import CellTimeout, check_seconds, timeout
 
 __all__ = ["MODES", "background"]
 
-MODES = ("thread", "loop")
+MODES = ("thread", "loop", "dask")
 
 # The kernel's loop, recorded when the extension loads, for jobs started from other threads.
 kernel_loop: asyncio.AbstractEventLoop | None = None
@@ -58,8 +58,9 @@ def background(
     name:
         A name for ``%jobs`` and ``%jobs cancel NAME``.
     mode:
-        ``"thread"`` or ``"loop"``. Default: ``"loop"`` for code that awaits at top level, coroutines
-        and coroutine functions; ``"thread"`` otherwise.
+        ``"thread"``, ``"loop"`` or ``"dask"`` (cell source only: it runs on a Dask worker, see
+        :mod:`concur_magics.cluster`). Default: ``"loop"`` for code that awaits at top level,
+        coroutines and coroutine functions; ``"thread"`` otherwise.
     timeout:
         Seconds after which the job is stopped and its status becomes ``timeout``.
     namespace:
@@ -84,6 +85,15 @@ def background(
         timeout = check_seconds(timeout)
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "dask":
+        from .cluster import background_dask
+
+        if not isinstance(work, str):
+            raise TypeError("dask mode runs cell source; submit callables with the Dask client")
+        return background_dask(
+            work, name=name, timeout=timeout, shell=shell, namespace=namespace,
+            first_line=first_line, bind=_on_kernel_loop,
+        )
     call, is_async, source = _as_callable(work, shell, namespace, first_line)
     mode = mode or ("loop" if is_async else "thread")
     job = JOBS.add(Job(source, mode, name))
@@ -93,6 +103,14 @@ def background(
     else:
         _start_task(job, call, is_async, timeout, out)
     return job
+
+
+def _on_kernel_loop(callback: Callable[[], None]) -> None:
+    """Run ``callback`` where the namespace may be touched: the kernel's loop, if there is one."""
+    if kernel_loop is not None and kernel_loop.is_running():
+        kernel_loop.call_soon_threadsafe(callback)
+    else:
+        callback()
 
 
 def _current_shell() -> Any:

@@ -42,14 +42,15 @@ __all__ = [
     "timeout",
 ]
 
-Mode = Literal["signal", "process"]
-MODES: tuple[Mode, ...] = ("signal", "process")
+Mode = Literal["signal", "process", "dask"]
+MODES: tuple[Mode, ...] = ("signal", "process", "dask")
 T = TypeVar("T")
 
 _STEPS = {
     "raised": "CellTimeout was raised in the running Python code",
     "cancelled": "the cell's task was cancelled at its await",
     "killed": "its process and process group were killed with SIGKILL",
+    "worker": "the Dask task was cancelled and the worker process running it was killed",
 }
 
 
@@ -61,11 +62,11 @@ class CellTimeout(TimeoutError):
     limit:
         The time limit in seconds.
     mode:
-        ``"signal"`` or ``"process"``.
+        ``"signal"``, ``"process"`` or ``"dask"``.
     step:
         How the work was stopped: ``"raised"`` (an exception raised in the running code),
-        ``"cancelled"`` (the cell's task cancelled at an ``await``) or ``"killed"`` (the process
-        killed).
+        ``"cancelled"`` (the cell's task cancelled at an ``await``), ``"killed"`` (the process
+        killed) or ``"worker"`` (the Dask task cancelled and its worker process killed).
     """
 
     def __init__(self, limit: float, mode: str, step: str, detail: str = "") -> None:
@@ -353,7 +354,8 @@ def run_with_timeout(
         The time limit.
     mode:
         ``"signal"`` raises in the running code (see :func:`timeout`); ``"process"`` kills the
-        child and its process group at the deadline, even in C code that holds the GIL.
+        child and its process group at the deadline, even in C code that holds the GIL; ``"dask"``
+        runs it on a Dask worker and kills that worker process at the deadline.
 
     Raises
     ------
@@ -371,6 +373,10 @@ def run_with_timeout(
         from .process import run_in_child
 
         return run_in_child(lambda _ns: fn(*args, **kwargs), {}, limit).value  # type: ignore[no-any-return]
+    if mode == "dask":
+        from .cluster import run_call_on_dask
+
+        return run_call_on_dask(fn, args, kwargs, limit)  # type: ignore[no-any-return]
     raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 
@@ -409,6 +415,10 @@ def run_cell_with_timeout(
             return asyncio.run(cell.run_async(ns)) if cell.is_async else cell.run(ns)
 
         return run_in_child(work, namespace, limit, copy_back=True, shell=shell).value
+    if mode == "dask":
+        from .cluster import run_cell_on_dask
+
+        return run_cell_on_dask(cell, namespace, limit, shell=shell)
     raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
 

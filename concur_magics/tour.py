@@ -26,7 +26,7 @@ CELLS: list[tuple[str, str]] = [
         "%%timeout 10 --mode process\nimport os\nchild_pid = os.getpid()\nsquares = [i * i for i in range(5)]\n"
         "print('computed in pid', child_pid)\nlen(squares)",
     ),
-    ("They are here now", "squares, child_pid != os.getpid()"),
+    ("They are here now", "kernel_pid = os.getpid()\nsquares, child_pid != kernel_pid"),
     ("A cell that awaits is cancelled at its await", "%%timeout 0.5\nimport asyncio\nawait asyncio.sleep(60)"),
     ("Bad arguments are refused with the usage line, and the cell does not run", "%%timeout soon\nprint('never')"),
     ("The same from plain Python", "import concur_magics\nconcur_magics.run_with_timeout(sum, 2, range(10**6), mode='process')"),
@@ -50,6 +50,19 @@ CELLS: list[tuple[str, str]] = [
         "%%every 300ms --times 3 -n counter -o counter\ncount = globals().get('count', 0) + 1\nprint('run', count)",
     ),
     ("Wait for it like any job", "%jobs wait counter\ncounter.status, count"),
+    (
+        "%%background --dask: the same cell on a Dask worker (a local cluster starts on first use); "
+        "the names it reads go with it, the names it assigns come back",
+        "%%background --dask -o remote\nimport os\nprint('hello from the worker process', os.getpid() != kernel_pid)\n"
+        "total = sum(squares) * count\ntotal",
+    ),
+    ("The cluster waits for jobs it depends on; here they are", "%jobs wait remote\ntotal, remote.result()"),
+    (
+        "%%timeout --mode dask: Dask can't stop a running task; we cancel it and have its worker killed",
+        "%%timeout 1 --mode dask\nwhile True:\n    pass",
+    ),
+    ("The cluster goes on serving", "%%timeout 30 --mode dask\n'still serving'"),
+    ("%dask shows the cluster", "%dask"),
     ("Unloading removes the magics and stops everything the extension started", "%unload_ext concur_magics"),
 ]
 

@@ -62,3 +62,53 @@ def no_leaks() -> Iterator[None]:
             return
         time.sleep(0.05)
     pytest.fail(f"leaked threads {extra} / child processes {children}")
+
+
+@pytest.fixture(scope="module")
+def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """A real ``dask scheduler`` and ``dask worker`` (with its nanny), as processes on 127.0.0.1."""
+    import json
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("dask")
+    scheduler_file = tmp / "scheduler.json"
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+    common = {"cwd": str(tmp), "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+         "--scheduler-file", str(scheduler_file)], **common,  # type: ignore[call-overload]
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert time.monotonic() < deadline, "the dask scheduler did not start within 60 s"
+            assert scheduler.poll() is None, "the dask scheduler exited"
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        worker = subprocess.Popen(
+            [dask, "worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
+             "--nworkers", "1", "--nthreads", "2", "--no-dashboard"], **common,  # type: ignore[call-overload]
+        )
+        # Wait until the nanny has started its worker process.
+        while len(psutil.Process(worker.pid).children(recursive=True)) < 1:
+            assert time.monotonic() < deadline, "the dask worker did not start within 60 s"
+            time.sleep(0.1)
+        yield {"address": address, "scheduler": scheduler, "nanny": worker}
+    finally:
+        for process in (worker, scheduler):
+            if process is None:
+                continue
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            process.kill()
+            process.wait(timeout=30)
+
+
+def worker_pids(nanny: object) -> set[int]:
+    """Pids of the worker processes under a ``dask worker`` (nanny) process."""
+    import subprocess
+
+    assert isinstance(nanny, subprocess.Popen)
+    return {p.pid for p in psutil.Process(nanny.pid).children(recursive=True)}

@@ -131,7 +131,7 @@ def test_loop_mode_needs_a_loop() -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="mode must be one of thread, loop, got 'fork'"):
+    with pytest.raises(ValueError, match="mode must be one of thread, loop, dask, got 'fork'"):
         background(lambda: None, mode="fork")
     with pytest.raises(ValueError, match="time limit must be positive"):
         background(lambda: None, timeout=0)

@@ -114,7 +114,7 @@ def test_bad_seconds_are_refused(bad: object) -> None:
 
 
 def test_bad_mode_is_refused() -> None:
-    with pytest.raises(ValueError, match="mode must be one of signal, process, got 'thread'"):
+    with pytest.raises(ValueError, match="mode must be one of signal, process, dask, got 'thread'"):
         run_with_timeout(print, 1, mode="thread")  # type: ignore[arg-type]
 
 

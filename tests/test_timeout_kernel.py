@@ -171,14 +171,14 @@ def test_bad_input_is_refused_and_the_cell_does_not_run(kernel: Kernel, line: st
     # IPython reports a UsageError on stderr, and the reply carries it as the cell's error.
     assert cell.status == "error" and cell.reply["ename"] == "UsageError", cell.text
     assert message in cell.stderr
-    assert "%timeout [--mode {signal,process}] seconds" in cell.stderr
+    assert "%timeout [--mode {signal,process,dask}] seconds" in cell.stderr
     assert value(kernel, "ran") == "False"
 
 
 def test_help_comes_from_the_argument_parser(kernel: Kernel) -> None:
     cell = run(kernel, "%%timeout?")
     pages = [p["data"]["text/plain"] for p in cell.reply["payload"] if p.get("source") == "page"]
-    assert pages and "%timeout [--mode {signal,process}] seconds" in pages[0]
+    assert pages and "%timeout [--mode {signal,process,dask}] seconds" in pages[0]
     assert "kill it with its process group" in " ".join(pages[0].split())
 
 

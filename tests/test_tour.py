@@ -25,5 +25,10 @@ def test_tour_shows_every_magic() -> None:
         "Out │ (True, 0)",
         "Out │ run 1\n  Out │ run 2\n  Out │ run 3",
         "Out │ ('done', 3)",
+        "Out │ hello from the worker process True",
+        "Out │ (90, 90)",
+        "(mode: dask); stopped: the Dask task was cancelled and the worker process running it was killed",
+        "Out │ 'still serving'",
+        "(local cluster started by concur_magics)",
     ]:
         assert shown in out, f"{shown!r} missing from the tour:\n{out}"
