@@ -112,3 +112,22 @@ def worker_pids(nanny: object) -> set[int]:
 
     assert isinstance(nanny, subprocess.Popen)
     return {p.pid for p in psutil.Process(nanny.pid).children(recursive=True)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_demo_spec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Install the demo kernel's kernelspec (with its own installer) where jupyter_client finds it."""
+    import subprocess
+    import sys
+
+    prefix = tmp_path_factory.mktemp("prefix")
+    subprocess.run([sys.executable, "-m", "kernel_demo", "install", "--prefix", str(prefix)], check=True,
+                   capture_output=True, timeout=60)
+    path = str(prefix / "share" / "jupyter")
+    before = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = path + (os.pathsep + before if before else "")
+    yield str(prefix / "share" / "jupyter" / "kernels")
+    if before is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = before

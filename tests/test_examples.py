@@ -33,3 +33,25 @@ def test_notebook_runs(path: pathlib.Path) -> None:
         client.execute(cleanup_kc=True)  # we made the manager, so tell nbclient to clean up
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
+
+
+SCRIPTS = sorted(EXAMPLES.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
+def test_script_runs(path: pathlib.Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+def test_dispatch_trace_example_shows_a_request_answered_while_a_cell_awaits() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(EXAMPLES / "dispatch_trace.py")], capture_output=True, text=True, timeout=120)
+    assert "completed while the cell awaited: ['total'] | cell replied yet: False" in done.stdout
+    assert "complete_request     complete_request" in done.stdout

@@ -1,0 +1,56 @@
+"""``python -m kernel_demo install [--user | --sys-prefix | --prefix P]`` and
+``python -m kernel_demo -f CONNECTION_FILE [--trace-file PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from jupyter_client.kernelspec import KernelSpecManager
+
+NAME = "kernel_demo"
+
+
+def install(user: bool = False, prefix: str | None = None) -> str:
+    """Write the kernelspec and install it; return the directory it went to."""
+    spec = {
+        "argv": [sys.executable, "-m", "kernel_demo", "-f", "{connection_file}"],
+        "display_name": "Python (kernel_demo)",
+        "language": "python",
+        "interrupt_mode": "signal",
+        "metadata": {"debugger": False},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "kernel.json"), "w") as f:
+            json.dump(spec, f, indent=1)
+        return KernelSpecManager().install_kernel_spec(tmp, NAME, user=user, prefix=prefix)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["install"]:
+        parser = argparse.ArgumentParser(prog="python -m kernel_demo install", description="install the kernelspec")
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--user", action="store_true", help="for this user (~/.local/share/jupyter)")
+        where.add_argument("--sys-prefix", action="store_true", help="into this Python environment")
+        where.add_argument("--prefix", help="under this prefix (PREFIX/share/jupyter/kernels)")
+        options = parser.parse_args(args[1:])
+        prefix = sys.prefix if options.sys_prefix else options.prefix
+        path = install(user=options.user, prefix=prefix)
+        print(f"installed kernelspec {NAME} in {path}")
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m kernel_demo", description="run the kernel")
+    parser.add_argument("-f", dest="connection_file", required=True, help="the connection file")
+    parser.add_argument("--trace-file", help="also append every dispatch record to this file, as JSON lines")
+    options = parser.parse_args(args)
+    from .kernel import main as run
+
+    run(options.connection_file, options.trace_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The heart of the demo kernel: sockets, streams and the dispatch loop.
+
+Read it top to bottom as the life of one message:
+
+1. it **arrives** on a socket — shell or control (ROUTER) — and its stream hands us the frames;
+2. we **verify** its HMAC signature and **deserialise** it (``jupyter_client.Session``; a bad or
+   replayed signature is dropped and recorded, never executed);
+3. we **record** it in the dispatch trace;
+4. we **publish** ``busy`` on IOPub, with the request as parent, so frontends know we work for it;
+5. we **dispatch** it to its handler, from a table built from the declared message types;
+6. the handler **replies** on the socket the request came from;
+7. we **publish** ``idle``.
+
+Threads: shell requests run on the main thread's Tornado IOLoop, where user code runs too. Control
+has its own thread and loop, so ``kernel_info``, ``interrupt`` and ``shutdown`` get through while a
+cell runs. IOPub has its own thread and loop: everything published goes through its one door,
+:meth:`Kernel.publish` (``IOLoop.add_callback``), so output streams live while the main thread is
+busy. The heartbeat is a ZMQ device echoing on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from jupyter_client.session import Session
+from tornado.ioloop import IOLoop
+from zmq.eventloop.zmqstream import ZMQStream
+
+from . import handlers
+from .execution import Executor
+from .trace import Record, Trace
+
+PROTOCOL_VERSION = "5.5"
+
+# The message types we answer, per channel, in the order the messaging spec lists them.
+SHELL_TYPES = (
+    "execute_request", "inspect_request", "complete_request", "history_request",
+    "is_complete_request", "comm_info_request", "kernel_info_request", "shutdown_request",
+)
+CONTROL_TYPES = ("shutdown_request", "interrupt_request", "kernel_info_request")
+
+
+class LoopThread(threading.Thread):
+    """A thread running its own Tornado IOLoop with one stream on it; :meth:`call` is its door."""
+
+    def __init__(self, name: str, socket: zmq.Socket[bytes], on_recv: Callable[[list[Any]], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.socket = socket
+        self.on_recv = on_recv
+        self.loop: IOLoop | None = None
+        self.stream: ZMQStream | None = None
+        self._ready = threading.Event()
+
+    def run(self) -> None:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        self.loop = IOLoop.current()
+        # A stream belongs to the loop of the thread that made it.
+        self.stream = ZMQStream(self.socket, self.loop)
+        self.stream.on_recv(self.on_recv, copy=False)
+        self._ready.set()
+        self.loop.start()
+        self.stream.close()
+        self.loop.close(all_fds=False)
+
+    def start_and_wait(self) -> ZMQStream:
+        self.start()
+        if not self._ready.wait(10) or self.stream is None:
+            raise RuntimeError(f"the {self.name} thread did not start")
+        return self.stream
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on this thread's loop. Thread-safe."""
+        assert self.loop is not None
+        self.loop.add_callback(fn, *args)
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.add_callback(self.loop.stop)
+        self.join(5)
+
+
+class Kernel:
+    """A kernel bound as ``connection`` (a parsed connection file) says."""
+
+    def __init__(self, connection: dict[str, Any], trace_file: str | None = None) -> None:
+        key = connection.get("key", "")
+        if not key:
+            print(
+                "kernel_demo: WARNING: empty key in the connection file; messages are NOT signed "
+                "and anyone who can reach these ports can run code", file=sys.stderr, flush=True,
+            )
+        self.session = Session(key=key.encode(), signature_scheme=connection.get("signature_scheme", "hmac-sha256"))
+        self.session_lock = threading.Lock()  # Session counts message ids; we send from 3 threads
+        self.trace = Trace(trace_file)
+        self.executor = Executor(self)
+        self.context = zmq.Context()
+        self.loop = IOLoop.current()
+        url = f"{connection['transport']}://{connection['ip']}"
+        sep = "-" if connection["transport"] == "ipc" else ":"
+
+        def bind(kind: int, port_name: str) -> zmq.Socket[bytes]:
+            sock: zmq.Socket[bytes] = self.context.socket(kind)
+            sock.linger = 1000
+            sock.bind(f"{url}{sep}{connection[port_name]}")
+            return sock
+
+        self.shell_socket = bind(zmq.ROUTER, "shell_port")
+        self.control_socket = bind(zmq.ROUTER, "control_port")
+        self.stdin_socket = bind(zmq.ROUTER, "stdin_port")  # used only by input(), on the main thread
+        self.iopub_socket = bind(zmq.XPUB, "iopub_port")
+        self.iopub_socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscription, to welcome it
+        self.hb_socket = bind(zmq.ROUTER, "hb_port")
+
+        self.iopub_thread = LoopThread("iopub", self.iopub_socket, self._welcome)
+        self.iopub_stream = self.iopub_thread.start_and_wait()
+        self.control_thread = LoopThread("control", self.control_socket, self._on_control)
+        self.control_stream = self.control_thread.start_and_wait()
+        self.shell_stream = ZMQStream(self.shell_socket, self.loop)
+        self.shell_stream.on_recv(self._on_shell, copy=False)
+        self.hb_thread = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        self.hb_thread.start()
+
+        self.handlers = handlers.table(SHELL_TYPES, CONTROL_TYPES)
+        self.execution: asyncio.Task[Any] | None = None  # the running execute request
+        self.queued: list[tuple[list[bytes], dict[str, Any], Record]] = []
+        self.aborting = False
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    # -------------------------------------------------------------- 1. arrival
+    def _on_shell(self, frames: list[Any]) -> None:
+        self.dispatch("shell", self.shell_stream, frames)
+
+    def _on_control(self, frames: list[Any]) -> None:
+        self.dispatch("control", self.control_stream, frames)
+
+    def dispatch(self, channel: str, stream: ZMQStream, frames: list[Any]) -> None:
+        """Steps 2 to 7 for one message: shared by shell and control."""
+        received = time.time()
+        # ---------------------------------------------------------- 2. verify and deserialise
+        try:
+            idents, msg_list = self.session.feed_identities(frames, copy=False)
+            with self.session_lock:
+                msg = self.session.deserialize(msg_list, content=True, copy=False)
+        except Exception as exc:  # noqa: BLE001 - a bad signature or garbage: drop and record
+            self.trace.add(Record(channel, "?", "?", None, received, rejected=f"{type(exc).__name__}: {exc}"))
+            return
+        # ---------------------------------------------------------- 3. record
+        record = self.trace.add(Record(channel, msg["msg_type"], msg["header"].get("msg_id", ""), None, received))
+        if channel == "shell" and msg["msg_type"] == "execute_request":
+            if self.aborting:
+                self._abort(stream, idents, msg, record)
+                return
+            if self.execution is not None:
+                # One cell at a time: this one waits while the running cell awaits.
+                self.queued.append((idents, msg, record))
+                return
+        self._handle(channel, stream, idents, msg, record)
+
+    def _handle(self, channel: str, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:
+        handler = self.handlers[channel].get(msg["msg_type"], handlers.unknown)
+        record.handler = handler.__name__
+        record.started = time.time()
+        # ---------------------------------------------------------- 4. busy
+        self.publish("status", {"execution_state": "busy"}, msg, record=record)
+        # ---------------------------------------------------------- 5. dispatch, 6. reply
+        result = handler(self, stream, idents, msg, record)
+        if asyncio.iscoroutine(result):
+            self.execution = asyncio.ensure_future(result)
+            self.execution.add_done_callback(lambda _: self._finished(msg, record))
+        else:
+            self._finished(msg, record)
+
+    def _finished(self, msg: dict[str, Any], record: Record) -> None:
+        # ---------------------------------------------------------- 7. idle
+        self.publish("status", {"execution_state": "idle"}, msg, record=record)
+        record.finished = time.time()
+        self.trace.finished(record)
+        if msg["msg_type"] == "execute_request" and self.execution is not None:
+            self.execution = None
+            if self.queued:
+                idents, queued, queued_record = self.queued.pop(0)
+                self._handle("shell", self.shell_stream, idents, queued, queued_record)
+
+    # -------------------------------------------------------------- sending
+    def reply(self, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], content: dict[str, Any], record: Record) -> None:
+        """Answer ``msg`` on the stream it came from (call on that stream's loop)."""
+        reply_type = msg["msg_type"].replace("_request", "_reply")
+        with self.session_lock:
+            self.session.send(stream, reply_type, content, parent=msg, ident=idents)
+        record.sent.append(reply_type)
+
+    def publish(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None, *, record: Record | None = None) -> None:
+        """Publish on IOPub. Thread-safe: the IOPub loop's add_callback is the only door."""
+        if record is not None:
+            record.sent.append(msg_type)
+        self.iopub_thread.call(self._send_iopub, msg_type, content, parent)
+
+    def _send_iopub(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None) -> None:
+        with self.session_lock:
+            self.session.send(self.iopub_stream, msg_type, content, parent=parent, ident=[msg_type.encode()])
+
+    def _welcome(self, frames: list[Any]) -> None:
+        # XPUB hands us b"\x01" + topic for each new subscriber (protocol 5.5: greet it).
+        first = frames[0].bytes if frames else b""
+        if first[:1] == b"\x01":
+            topic = first[1:].decode(errors="replace")
+            with self.session_lock:
+                self.session.send(self.iopub_stream, "iopub_welcome", {"subscription": topic}, parent=None)
+
+    def _abort(self, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:
+        record.handler = "abort"
+        record.started = time.time()
+        self.publish("status", {"execution_state": "busy"}, msg)
+        self.reply(stream, idents, msg, {
+            "status": "error", "ename": "ExecutionAborted", "execution_count": self.executor.count,
+            "evalue": "not run: an earlier cell failed (stop_on_error)", "traceback": [],
+        }, record)
+        self._finished(msg, record)
+
+    def abort_queued(self) -> None:
+        """After a failed cell with stop_on_error: abort every execute request already waiting."""
+        self.aborting = True
+        try:
+            for idents, msg, record in self.queued:
+                self._abort(self.shell_stream, idents, msg, record)
+            self.queued.clear()
+            self.shell_stream.flush()  # requests still in the socket arrive now, and are aborted
+        finally:
+            self.aborting = False
+
+    # -------------------------------------------------------------- interrupt, heartbeat, run
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """SIGINT (or an interrupt_request): stop the running cell, never the kernel's own loop."""
+        task = self.execution
+        if task is None or not self.executor.in_user_code:
+            return  # idle, or in our own code: nothing of the user's to stop
+        if asyncio.current_task(self.loop.asyncio_loop) is task:  # type: ignore[attr-defined]
+            raise KeyboardInterrupt  # the cell's code is running right now
+        task.get_loop().call_soon_threadsafe(task.cancel)  # the cell awaits: cancel its task
+
+    def interrupt(self) -> None:
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    def _heartbeat(self) -> None:
+        try:
+            zmq.device(zmq.QUEUE, self.hb_socket, self.hb_socket)
+        except zmq.ContextTerminated:
+            pass
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def stop(self) -> None:
+        """Stop all loops and close every socket (from any thread)."""
+
+        def on_main() -> None:
+            self.loop.stop()
+
+        self.loop.add_callback(on_main)
+
+    def close(self) -> None:
+        self.control_thread.stop()
+        self.iopub_thread.stop()
+        self.trace.close()
+        self.context.destroy(linger=1000)
+        self.hb_thread.join(5)
+
+
+def main(connection_file: str, trace_file: str | None = None) -> None:
+    """Run a kernel until it is asked to shut down."""
+    with open(connection_file) as f:
+        connection = json.load(f)
+    kernel = Kernel(connection, trace_file)
+    try:
+        kernel.start()
+    finally:
+        kernel.close()
