@@ -113,6 +113,7 @@ class Kernel:
         self.client.start_channels()
         self.cells: dict[str, Cell] = {}
         self.messages: list[dict[str, Any]] = []  # every IOPub message, with its arrival time
+        self.replies: dict[str, dict[str, Any]] = {}  # every shell and control reply, by request id
 
     def wait_ready(self, timeout: float = 60) -> None:
         self.client.wait_for_ready(timeout=timeout)
@@ -153,6 +154,7 @@ class Kernel:
         while True:
             got = self._read_one(self.client.get_iopub_msg, self._on_iopub)
             got |= self._read_one(self.client.get_shell_msg, self._on_reply)
+            got |= self._read_one(self.client.get_control_msg, self._on_reply)
             if not got and time.monotonic() >= end:
                 return
             if not got:
@@ -167,7 +169,18 @@ class Kernel:
         handle(msg)
         return True
 
+    def request(self, msg_type: str, content: dict[str, Any] | None = None, *, channel: str = "shell",
+                timeout: float = 30) -> dict[str, Any]:
+        """Send a request on the shell or control channel and return its reply, while still
+        filing every other message (a running cell's output and reply) where it belongs."""
+        msg = self.client.session.msg(msg_type, content or {})
+        getattr(self.client, f"{channel}_channel").send(msg)
+        msg_id = msg["header"]["msg_id"]
+        self.wait_until(lambda: msg_id in self.replies, timeout, f"the {msg_type} reply")
+        return self.replies.pop(msg_id)
+
     def _on_reply(self, msg: dict[str, Any]) -> None:
+        self.replies[msg["parent_header"].get("msg_id", "")] = msg
         cell = self.cells.get(msg["parent_header"].get("msg_id"))
         if cell is not None:
             cell.reply = msg["content"]
