@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small version of every figure")
     parser.add_argument("--only", action="append", help="run only figures whose name contains this")
+    parser.add_argument("--plot", metavar="DIR", help="also save plots (PNG) of the figures that have them here")
     args = parser.parse_args(argv)
     os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
@@ -49,12 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(fn(args.quick))
         print(f"  {name}: {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
     print(table(rows))
+    if args.plot:
+        from .plots import save_plots
+
+        for path in save_plots(figures.RAW, args.plot):
+            print(f"saved {path}")
     return 0
 
 
 def table(rows: list[Row]) -> str:
     header = ("figure", "ours", "anchor", "ratio", "goal", "verdict")
-    cells = [(r.figure, r.ours, r.anchor, "" if r.ratio is None else f"{r.ratio:.2f}", r.goal, r.verdict) for r in rows]
+    cells = [(r.figure, r.ours, r.anchor, "" if r.ratio is None else f"{r.ratio:.3g}", r.goal, r.verdict) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")

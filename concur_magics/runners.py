@@ -17,7 +17,7 @@ import ctypes
 import functools
 import inspect
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .cells import CompiledCell, compile_cell
@@ -38,7 +38,7 @@ class _CancelJob(BaseException):
 
 
 def background(
-    work: str | Callable[[], Any] | Coroutine[Any, Any, Any],
+    work: str | Callable[[], Any] | Awaitable[Any],
     *,
     name: str | None = None,
     mode: str | None = None,
@@ -54,7 +54,8 @@ def background(
     ----------
     work:
         Cell source (run in ``namespace``; its last expression is the job's value), a callable
-        (called with no arguments; a coroutine function is awaited) or a coroutine.
+        (called with no arguments; a coroutine function is awaited) or an awaitable (a coroutine,
+        a future, ``asyncio.gather(...)``).
     name:
         A name for ``%jobs`` and ``%jobs cancel NAME``.
     mode:
@@ -130,12 +131,12 @@ def _as_callable(
         cell: CompiledCell = compile_cell(work, shell=shell, first_line=first_line)
         run = cell.run_async if cell.is_async else cell.run
         return functools.partial(run, ns), cell.is_async, work
-    if inspect.iscoroutine(work):
-        return (lambda: work), True, getattr(work, "__qualname__", repr(work))
+    if inspect.isawaitable(work):  # a coroutine, a future, a task, a gather
+        return (lambda: work), True, getattr(work, "__qualname__", type(work).__name__)
     if callable(work):
         source = getattr(work, "__qualname__", repr(work))
         return work, inspect.iscoroutinefunction(work), source
-    raise TypeError(f"background() takes cell source, a callable or a coroutine, not {type(work).__name__}")
+    raise TypeError(f"background() takes cell source, a callable or an awaitable, not {type(work).__name__}")
 
 
 def _start_thread(job: Job, call: Callable[[], Any], is_async: bool, limit: float | None, out: CellOutput) -> None:

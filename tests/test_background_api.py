@@ -135,7 +135,7 @@ def test_bad_arguments() -> None:
         background(lambda: None, mode="fork")
     with pytest.raises(ValueError, match="time limit must be positive"):
         background(lambda: None, timeout=0)
-    with pytest.raises(TypeError, match="takes cell source, a callable or a coroutine, not int"):
+    with pytest.raises(TypeError, match="takes cell source, a callable or an awaitable, not int"):
         background(42)  # type: ignore[arg-type]
 
 
