@@ -321,10 +321,20 @@ def _timed(call: Callable[[], object]) -> float:
 def clock(quick: bool) -> list[Row]:
     """%clock tick offsets, idle and while a cell blocks; the naive sleep-loop clock's drift."""
     ticks = 3 if quick else 60
+    import psutil
+
     with running_kernel() as kernel:
-        kernel.execute("%load_ext concur_magics\nimport time, resource")
-        kernel.execute("clock = %clock --interval 1\ncpu0 = resource.getrusage(resource.RUSAGE_SELF)")
+        kernel.execute("%load_ext concur_magics\nimport time")
+        process = psutil.Process(kernel.pid)
+        # CPU of the idle kernel without, then with, a clock: the difference is the clock's.
+        quiet = sum(process.cpu_times()[:2])
         kernel.pump(ticks + 0.5)
+        without = sum(process.cpu_times()[:2]) - quiet
+        kernel.execute("clock = %clock --interval 1")
+        start_cpu = sum(process.cpu_times()[:2])
+        kernel.pump(ticks + 0.5)
+        with_clock = sum(process.cpu_times()[:2]) - start_cpu
+        cpu_per_hour = max(0.0, with_clock - without) / (ticks + 0.5) * 3600
         idle = eval(kernel.execute("list(clock.offsets)").results[-1]["text/plain"])  # noqa: S307 - our own kernel's list
         kernel.execute(f"time.sleep({ticks})", timeout=ticks + 30)
         during = eval(kernel.execute("list(clock.offsets)").results[-1]["text/plain"])[len(idle):]  # noqa: S307
@@ -341,6 +351,8 @@ def clock(quick: bool) -> list[Row]:
     return [
         _row(f"%clock tick offset, idle ({len(idle)} ticks)", _ms(_median(idle)),
              f"naive sleep clock drifts {per_hour:.0f} s/hour", None, "< 5 ms, no drift", _verdict(_median(idle) < 0.005)),
+        _row("%clock CPU per hour of ticking (1 s interval)", f"{cpu_per_hour:.1f} s",
+             f"idle kernel without a clock: {without / (ticks + 0.5) * 3600:.1f} s/hour", None, "next to none", "info"),
         _row(f"%clock tick offset during a blocking cell ({len(during)} ticks)", _ms(_median(during)) if during else "no ticks",
              "naive clock: stops", None, "keeps ticking", _verdict(len(during) >= ticks - 2)),
     ]

@@ -48,6 +48,19 @@ def value(kernel: Kernel, expr: str) -> str:
     return str(cell.results[-1]["text/plain"])
 
 
+def refused(kernel: Kernel, code: str, message: str, usage: str) -> Cell:
+    """Run ``code``, whose body would set ``ran``; check it is a UsageError that says ``message``
+    and shows the magic's usage line (starting with ``usage``), and that the body did not run."""
+    run(kernel, "ran = False")
+    cell = run(kernel, code)
+    # IPython reports a UsageError on stderr, and the reply carries it as the cell's error.
+    assert cell.status == "error" and cell.reply is not None and cell.reply["ename"] == "UsageError", cell.text
+    assert message in cell.stderr
+    assert any(line.strip().startswith(usage) for line in cell.stderr.splitlines()), cell.stderr
+    assert value(kernel, "ran") == "False"
+    return cell
+
+
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
     """Fail if a test leaves threads or child processes behind in this process."""

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from concur_magics.frontend import Kernel, running_kernel
-from tests.conftest import run, value, worker_pids
+from tests.conftest import refused, run, value, worker_pids
 
 # Generous bounds for a loaded 2-core machine (precision is in benchmarks/).
 WITHIN = 20.0
@@ -115,11 +115,7 @@ def test_an_input_that_cannot_be_sent_is_named(dask_kernel: Kernel) -> None:
     ],
 )
 def test_bad_input_is_refused(dask_kernel: Kernel, code: str, message: str) -> None:
-    run(dask_kernel, "ran = False")
-    cell = run(dask_kernel, code)
-    assert cell.status == "error" and cell.reply["ename"] == "UsageError", cell.text
-    assert message in cell.stderr
-    assert value(dask_kernel, "ran") == "False"
+    refused(dask_kernel, code, message, "%background [" if code.startswith("%%") else "%dask [")
 
 
 def test_local_cluster_starts_on_first_use_and_is_gone_after_unload() -> None:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from concur_magics.frontend import Kernel
-from tests.conftest import run, value
+from tests.conftest import refused, run, value
 
 
 def clock_updates(kernel: Kernel, display_id: str, since: float = 0.0) -> list[dict[str, Any]]:
@@ -154,11 +154,8 @@ def test_every_is_cancelled_from_jobs(kernel: Kernel) -> None:
     ],
 )
 def test_bad_input_is_refused_and_nothing_is_scheduled(kernel: Kernel, code: str, message: str) -> None:
-    run(kernel, "ran = False")
     before = value(kernel, "len(__import__('concur_magics').schedule.CLOCKS), len(list(__import__('concur_magics').jobs.JOBS))")
-    cell = run(kernel, code)
-    assert cell.status == "error" and cell.reply["ename"] == "UsageError", cell.text
-    assert message in cell.stderr
+    refused(kernel, code, message, "%every [" if code.startswith("%%") else "%clock [")
     kernel.pump(0.3)
     assert value(kernel, "ran") == "False"
     assert value(kernel, "len(__import__('concur_magics').schedule.CLOCKS), len(list(__import__('concur_magics').jobs.JOBS))") == before

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from concur_magics.frontend import Kernel
-from tests.conftest import run, value
+from tests.conftest import refused, run, value
 
 # Bounds are generous on purpose (a loaded 2-core CI machine): they prove the work stopped near the
 # deadline instead of running on. Precision is measured in benchmarks/.
@@ -166,13 +166,7 @@ def test_awaiting_cell_in_process_mode(kernel: Kernel) -> None:
     ],
 )
 def test_bad_input_is_refused_and_the_cell_does_not_run(kernel: Kernel, line: str, message: str) -> None:
-    run(kernel, "ran = False")
-    cell = run(kernel, f"{line}\nran = True")
-    # IPython reports a UsageError on stderr, and the reply carries it as the cell's error.
-    assert cell.status == "error" and cell.reply["ename"] == "UsageError", cell.text
-    assert message in cell.stderr
-    assert "%timeout [--mode {signal,process,dask}] seconds" in cell.stderr
-    assert value(kernel, "ran") == "False"
+    refused(kernel, f"{line}\nran = True", message, "%timeout [--mode {signal,process,dask}] seconds")
 
 
 def test_help_comes_from_the_argument_parser(kernel: Kernel) -> None:
