@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .trace import bundle
+from .trace import as_json, bundle
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -277,7 +277,7 @@ class Executor:
 
     # -------------------------------------------------------------- %dispatch
     def _dispatch_magic(self, args: list[str]) -> Any:
-        """``%dispatch [N]``, ``%dispatch --live [N]``, ``%dispatch --stop``."""
+        """``%dispatch [N]`` (a table, then the records as JSON), ``%dispatch --live [N]``, ``--stop``."""
         usage = "usage: %dispatch [N] | %dispatch --live [N] | %dispatch --stop"
         flags = [a for a in args if a.startswith("--")]
         numbers = [a for a in args if not a.startswith("--")]
@@ -301,7 +301,11 @@ class Executor:
 
             trace.listeners[:] = [refresh]
             return None
-        return _Bundle(bundle(trace.last(n)))
+        # The table as a display, the records as the result. One bundle holding both would show as
+        # a JSON tree in JupyterLab, which ranks application/json above text/html.
+        records = trace.last(n)
+        self.display(_Bundle(bundle(records)))
+        return _Bundle(as_json(records))
 
     # -------------------------------------------------------------- complete, inspect, is_complete
     def complete(self, code: str, cursor: int) -> tuple[list[str], int, int]:

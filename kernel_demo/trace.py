@@ -68,7 +68,7 @@ class Trace:
 
 
 def bundle(records: list[Record]) -> dict[str, Any]:
-    """The mime bundle ``%dispatch`` shows: a text table, an HTML table and the records as JSON."""
+    """The records as a table: ``text/plain`` and ``text/html``."""
     rows = [_row(r) for r in records]
     header = ("channel", "msg_type", "handler", "received", "wait ms", "run ms", "sent / rejected")
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
@@ -80,11 +80,12 @@ def bundle(records: list[Record]) -> dict[str, Any]:
     table = (
         "<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + f"</tr></thead><tbody>{cells}</tbody></table>"
     )
-    return {
-        "text/plain": "\n".join(lines),
-        "text/html": table,
-        "application/json": [r.as_dict() for r in records],
-    }
+    return {"text/plain": "\n".join(lines), "text/html": table}
+
+
+def as_json(records: list[Record]) -> dict[str, Any]:
+    """The records as data: ``application/json``, the list of records with their field names."""
+    return {"text/plain": f"{len(records)} dispatch records", "application/json": [r.as_dict() for r in records]}
 
 
 def _row(r: Record) -> tuple[str, ...]:
