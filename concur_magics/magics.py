@@ -29,6 +29,8 @@ def parse_args(magic: Callable[..., Any], line: str) -> argparse.Namespace:
     """
     try:
         return parse_argstring(magic, line)
+    except ValueError as exc:  # shlex: an unclosed quote
+        raise UsageError(f"{exc} in {line!r}\n{_usage(magic)}") from None
     except UsageError as exc:
         negative = [token for token in line.split() if re.fullmatch(r"-\d[\w.]*", token)]
         if negative:
