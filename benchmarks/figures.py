@@ -298,7 +298,8 @@ def process_mode_cost(quick: bool) -> list[Row]:
     size = 100 * 2**20 if quick else 2**30
     repeats = 3 if quick else 5
     rows: list[Row] = []
-    for label, big in (("empty", b""), (f"{size // 2**20} MB", bytearray(size))):
+    for label, nbytes in (("empty", 0), (f"{size // 2**20} MB", size)):
+        big = bytearray(nbytes)
         ours = _median([_timed(lambda: run_with_timeout(len, 30, big, mode="process")) for _ in range(repeats)])
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             pool.apply(len, (b"",))  # start the worker first: measure the call, not the start
@@ -306,7 +307,6 @@ def process_mode_cost(quick: bool) -> list[Row]:
         rows.append(_row(f"process mode: trivial call, {label} in the namespace", _ms(ours),
                          f"multiprocessing (pickles the input) {_ms(anchor)}", ours / anchor if anchor else None,
                          "< 50 ms, flat", _verdict(ours < 0.05)))
-        del big
     return rows
 
 

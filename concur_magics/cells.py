@@ -201,8 +201,6 @@ def _scan_names(tree: ast.Module) -> tuple[set[str], set[str], set[str]]:
                 for alias in node.names:
                     if alias.name != "*":
                         assigned.add(alias.asname or alias.name.split(".")[0])
-            elif isinstance(node, ast.alias):
-                continue
     # `global x` inside a function binds x in the namespace when the function runs.
     for node in ast.walk(tree):
         if isinstance(node, ast.Global):

@@ -141,7 +141,7 @@ class Cluster:
         _, msg = event
         out = self._routes.get(msg.get("job", ""))
         if out is not None:
-            out.run(_write, msg.get("name", "stdout"), msg.get("text", ""))
+            out.write(msg.get("name", "stdout"), msg.get("text", ""))
 
     def _on_started(self, event: tuple[float, dict[str, Any]]) -> None:
         _, msg = event
@@ -230,12 +230,6 @@ def _has_dashboard(client: Any) -> bool:
         return False
 
 
-def _write(name: str, text: str) -> None:
-    stream = sys.stderr if name == "stderr" else sys.stdout
-    stream.write(text)
-    stream.flush()
-
-
 # --------------------------------------------------------------------------- submitting
 
 _tokens = itertools.count(1)
@@ -314,7 +308,7 @@ def submit(shipment: Shipment) -> Any:
             run_remote, cell.source, cell.filename, cell.first_line, shipment.label, inputs, shipment.token,
             key=f"concur-cell-{shipment.token}", pure=False, retries=0,
         )
-    except Exception as exc:
+    except Exception:
         bad = _unpicklable(inputs)
         if bad:
             raise TypeError(f"can't send to Dask, these inputs can't be serialised: {', '.join(bad)}") from None
@@ -358,7 +352,6 @@ def background_dask(
     job = JOBS.add(Job(source, "dask", name))
     out = CellOutput(shell)
     CLUSTER.route(shipment.token, out)
-    display_id = f"concur-job-{id(job):x}-{job.id}"
     limit = check_seconds(timeout) if timeout is not None else None
     run_on_loop = bind or (lambda callback: callback())
 
@@ -374,10 +367,7 @@ def background_dask(
                 ns.update(names)
             if status == "done":
                 out.show_value(value)
-            elif error is not None:
-                out.show_error(error)
-            job._finish(status, value, error)
-            out.show(job, display_id, update=True)
+            out.end_job(job, status, value, error)
             CLUSTER.unroute(shipment.token)
 
         run_on_loop(on_loop)
@@ -421,7 +411,7 @@ def background_dask(
         finish("done", value, names=names)
 
     job._mark_running(lambda: threading.Thread(target=stop, args=("cancelled",), daemon=True).start())
-    out.show(job, display_id)
+    out.start_job(job)
     if shipment.waits_for:
         pending = list(shipment.waits_for)
         remaining = [len(pending)]

@@ -12,9 +12,8 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["CellActivity", "Job", "JobTable", "JOBS", "STATUSES"]
+__all__ = ["CellActivity", "Job", "JobTable", "JOBS", "wait_for_jobs", "wait_for_jobs_async"]
 
-STATUSES = ("pending", "running", "done", "error", "cancelled", "timeout")
 _FINAL = {"done", "error", "cancelled", "timeout"}
 
 
@@ -111,6 +110,11 @@ class Job:
     def label(self) -> str:
         """``#3`` or ``#3 fetch``: how tables and messages name the job."""
         return f"#{self.id}" + (f" {self.name}" if self.name else "")
+
+    @property
+    def display_id(self) -> str:
+        """The id of the status line shown for this job in its cell."""
+        return f"concur-job-{id(self):x}-{self.id}"
 
     @property
     def first_line(self) -> str:
@@ -332,6 +336,36 @@ class JobTable:
 
     def view(self, jobs: Iterable[Job] | None = None) -> JobsView:
         return JobsView(list(jobs) if jobs is not None else list(self))
+
+
+def wait_for_jobs(jobs: list[Job], timeout: float | None = None) -> None:
+    """Block until ``jobs`` have ended or ``timeout`` seconds have passed.
+
+    Not on the loop a loop job runs on: it could never end (use :func:`wait_for_jobs_async`).
+    """
+    concurrent.futures.wait([job._future for job in jobs], timeout=timeout)
+
+
+async def wait_for_jobs_async(jobs: list[Job], timeout: float | None = None) -> None:
+    """Wait on the running loop until ``jobs`` have ended or ``timeout`` seconds have passed.
+
+    The loop keeps running loop jobs meanwhile, and ``%%every`` runs may go on: waiting for jobs is
+    asking for them to run. A job's failure is its own cell's to show, not the waiter's.
+    """
+
+    async def ended(job: Job) -> None:
+        try:
+            await job
+        except BaseException:  # noqa: BLE001 - see above
+            pass
+
+    waiters = [asyncio.ensure_future(ended(job)) for job in jobs]
+    if not waiters:
+        return
+    with CellActivity.waiting_for_jobs():
+        _, pending = await asyncio.wait(waiters, timeout=timeout)
+    for waiter in pending:
+        waiter.cancel()
 
 
 class JobsView:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 from . import cluster, process, runners, schedule
@@ -20,9 +19,9 @@ __all__ = ["Extension"]
 class Extension:
     """The extension loaded into one shell: its magics, its transformer, and what they started.
 
-    Everything that starts a thread, task, timer, child process or client registers a closer with
-    :meth:`own`; :meth:`close` (unload, kernel shutdown) runs them newest first, then kills any
-    process-mode child still running. ``close`` is idempotent and may be called from any thread.
+    :meth:`close` (unload, kernel shutdown) stops everything the magics start — clocks, jobs and
+    their threads, schedules, process-mode children, the Dask client and a local cluster — each
+    through the registry that owns it. It is idempotent and may be called from any thread.
     """
 
     _loaded: ClassVar[dict[int, Extension]] = {}
@@ -31,7 +30,6 @@ class Extension:
         self.shell = shell
         self.magics = ConcurMagics(shell=shell)
         self.transformer = await_loop_magics(shell)
-        self._closers: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -76,29 +74,12 @@ class Extension:
         atexit.unregister(ext.close)
         ext.close()
 
-    def own(self, closer: Callable[[], None]) -> Callable[[], None]:
-        """Register ``closer`` to run when the extension closes; returns it. Thread-safe."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the concur_magics extension has been unloaded")
-            self._closers.append(closer)
-        return closer
-
-    def disown(self, closer: Callable[[], None]) -> None:
-        """Forget a closer whose resource ended by itself. Thread-safe."""
-        with self._lock:
-            if closer in self._closers:
-                self._closers.remove(closer)
-
     def close(self) -> None:
         """Stop everything the extension started. Idempotent; thread-safe."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            closers, self._closers = self._closers[::-1], []
-        for closer in closers:
-            closer()
         schedule.stop_clocks()
         stuck = JOBS.cancel_all(join=2.0)
         if stuck:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from traitlets import Enum, Float, TraitError, Unicode, default, observe, valida
 
 from . import cluster, runners, schedule
 from .cells import CompiledCell, compile_cell
-from .jobs import JOBS, CellActivity, Job, JobsView
+from .jobs import JOBS, Job, JobsView, wait_for_jobs, wait_for_jobs_async
 from .timeout import MODES, check_seconds, run_cell_with_timeout, run_cell_with_timeout_async
 
 __all__ = ["ConcurMagics", "parse_args"]
@@ -32,11 +31,12 @@ def parse_args(magic: Callable[..., Any], line: str) -> argparse.Namespace:
     except ValueError as exc:  # shlex: an unclosed quote
         raise UsageError(f"{exc} in {line!r}\n{_usage(magic)}") from None
     except UsageError as exc:
+        message = str(exc)
         negative = [token for token in line.split() if re.fullmatch(r"-\d[\w.]*", token)]
         if negative:
             # argparse reads "-5s" as an unknown option; say what is really wrong.
-            exc = UsageError(f"durations must be positive, got {negative[0]!r}")
-        raise UsageError(f"{exc}\n{_usage(magic)}") from None
+            message = f"durations must be positive, got {negative[0]!r}"
+        raise UsageError(f"{message}\n{_usage(magic)}") from None
 
 
 def seconds(text: str) -> float:
@@ -97,18 +97,12 @@ class ConcurMagics(Magics):
     def _connect_timeout_changed(self, change: dict[str, Any]) -> None:
         cluster.CLUSTER.connect_timeout = change["new"]
 
-    @validate("dask_connect_timeout")
-    def _check_connect_timeout(self, proposal: dict[str, Any]) -> float:
+    @validate("dask_connect_timeout", "timeout_grace")
+    def _check_seconds(self, proposal: dict[str, Any]) -> float:
         value = proposal["value"]
         if not 0 < value < float("inf"):
-            raise TraitError(f"dask_connect_timeout must be a positive number of seconds, got {value!r}")
-        return float(value)
-
-    @validate("timeout_grace")
-    def _check_grace(self, proposal: dict[str, Any]) -> float:
-        value = proposal["value"]
-        if not 0 < value < float("inf"):
-            raise TraitError(f"timeout_grace must be a positive number of seconds, got {value!r}")
+            name = proposal["trait"].name
+            raise TraitError(f"{name} must be a positive number of seconds, got {value!r}")
         return float(value)
 
     @magic_arguments()
@@ -300,27 +294,13 @@ class ConcurMagics(Magics):
                 "%jobs wait for loop jobs must be awaited on the kernel's loop: use it at the top "
                 "level of a cell (not inside a function), or `await job`"
             )
-        import concurrent.futures
-
-        concurrent.futures.wait([job._future for job in targets], timeout=args.timeout)
+        wait_for_jobs(targets, args.timeout)
         return self._waited(targets)
 
     async def jobs_async(self, line: str) -> JobsView | None:
         """``%jobs wait`` on the kernel's loop, so loop jobs keep running while it waits."""
         args, targets = self._parse_jobs(line)
-
-        async def ended(job: Job) -> None:
-            try:
-                await job
-            except BaseException:  # noqa: BLE001 - the job's own cell shows its failure
-                pass
-
-        waiters = [asyncio.ensure_future(ended(job)) for job in targets]
-        if waiters:
-            with CellActivity.waiting_for_jobs():  # periodic runs may go on while we wait
-                _, pending = await asyncio.wait(waiters, timeout=args.timeout)
-            for waiter in pending:
-                waiter.cancel()
+        await wait_for_jobs_async(targets, args.timeout)
         return self._waited(targets)
 
     def _parse_jobs(self, line: str) -> tuple[argparse.Namespace, list[Job]]:

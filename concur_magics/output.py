@@ -19,9 +19,12 @@ from __future__ import annotations
 import contextvars
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["CellOutput", "format_traceback", "with_rendered_traceback"]
+if TYPE_CHECKING:
+    from .jobs import Job
+
+__all__ = ["CellOutput", "format_traceback", "with_rendered_traceback", "write_stream"]
 
 T = TypeVar("T")
 
@@ -65,6 +68,21 @@ class CellOutput:
         sys.stderr.flush()
         self.shell.showtraceback((type(error), error, error.__traceback__))
 
+    def write(self, name: str, text: str) -> None:
+        """Write ``text`` to the cell's ``stdout`` or ``stderr``."""
+        self.run(write_stream, name, text)
+
+    def start_job(self, job: Job) -> None:
+        """Show a job's status line (a display that :meth:`end_job` updates in place)."""
+        self.show(job, job.display_id)
+
+    def end_job(self, job: Job, status: str, value: Any = None, error: BaseException | None = None) -> None:
+        """Record how a job ended, show its traceback if it failed, and refresh its status line."""
+        if error is not None:
+            self.show_error(error)
+        job._finish(status, value, error)
+        self.show(job, job.display_id, update=True)
+
     def show(self, obj: Any, display_id: str, *, update: bool = False) -> None:
         """Display ``obj`` under ``display_id`` (or refresh every output showing it)."""
         if self.shell is None:
@@ -76,6 +94,13 @@ class CellOutput:
         self.shell.display_pub.publish(
             data=data, metadata=metadata, transient={"display_id": display_id}, update=update
         )
+
+
+def write_stream(name: str, text: str) -> None:
+    """Write to this context's ``sys.stdout`` (or ``sys.stderr`` for ``name == "stderr"``) at once."""
+    stream = sys.stderr if name == "stderr" else sys.stdout
+    stream.write(text)
+    stream.flush()
 
 
 def format_traceback(error: BaseException, shell: Any = None, relabel: dict[str, str] | None = None) -> list[str]:

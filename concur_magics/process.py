@@ -34,10 +34,10 @@ import cloudpickle
 from IPython.core.displaypub import DisplayPublisher
 from tblib import Traceback
 
-from .output import format_traceback, with_rendered_traceback
+from .output import format_traceback, with_rendered_traceback, write_stream
 from .timeout import CellTimeout
 
-__all__ = ["ChildDied", "ChildResult", "NamesNotCopiedWarning", "live_children", "run_in_child"]
+__all__ = ["ChildDied", "ChildResult", "NamesNotCopiedWarning", "kill_all", "run_in_child"]
 
 
 class NamesNotCopiedWarning(UserWarning):
@@ -64,11 +64,6 @@ class ChildResult:
 
 # pids of children that are running now; a shutdown kills whatever is left (see kill_all).
 _live: set[int] = set()
-
-
-def live_children() -> set[int]:
-    """The pids of process-mode children running now."""
-    return set(_live)
 
 
 def kill_all() -> None:
@@ -178,7 +173,7 @@ def _relay(
             status = _kill_and_reap(pid)
             raise ChildDied(f"the cell's process (pid {pid}) ended without a result: {status}") from None
         if kind == "stream":
-            _write_stream(*payload)
+            write_stream(*payload)
         elif kind == "display":
             _display(shell, *payload)
         elif kind == "name":
@@ -210,12 +205,6 @@ def _relay(
     return result
 
 
-def _write_stream(name: str, text: str) -> None:
-    stream = sys.stdout if name == "stdout" else sys.stderr
-    stream.write(text)
-    stream.flush()
-
-
 def _display(shell: Any, kind: str, kwargs: dict[str, Any]) -> None:
     if shell is None:
         return
@@ -231,7 +220,7 @@ def _drain(conn: Connection, shell: Any) -> None:
         while conn.poll(0):
             kind, *payload = pickle.loads(conn.recv_bytes())
             if kind == "stream":
-                _write_stream(*payload)
+                write_stream(*payload)
             elif kind == "display":
                 _display(shell, *payload)
     except (EOFError, OSError, pickle.UnpicklingError):

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import inspect
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 from .cells import CompiledCell, compile_cell
 from .jobs import JOBS, Job
 from .output import CellOutput
-from .timeout import CellTimeout, check_seconds, timeout
+from .timeout import CellTimeout, check_seconds, inject, timeout
 
 __all__ = ["MODES", "background"]
 
@@ -151,9 +150,9 @@ def _start_thread(job: Job, call: Callable[[], Any], is_async: bool, limit: floa
     def main() -> None:
         __tracebackhide__ = True
         thread_id = threading.get_ident()
-        if not job._mark_running(lambda: _inject(thread_id, _CancelJob)):
+        if not job._mark_running(lambda: inject(thread_id, _CancelJob)):
             return
-        out.show(job, _display_id(job))
+        out.start_job(job)
         status, value, error = "cancelled", None, None  # type: tuple[str, Any, BaseException | None]
         try:
             try:
@@ -198,7 +197,7 @@ def _start_task(job: Job, call: Callable[[], Any], is_async: bool, limit: float 
         assert task is not None
         if not job._mark_running(lambda: loop.call_soon_threadsafe(task.cancel)):
             return
-        out.show(job, _display_id(job))
+        out.start_job(job)
         status, value, error = "cancelled", None, None  # type: tuple[str, Any, BaseException | None]
         try:
             if limit is None:
@@ -232,10 +231,7 @@ async def _maybe_await(value: Any) -> Any:
 def _report(job: Job, out: CellOutput, status: str, value: Any, error: BaseException | None) -> None:
     if status == "done":
         out.show_value(value)
-    elif status in ("error", "timeout") and error is not None:
-        out.show_error(error)
-    job._finish(status, value, error)
-    out.show(job, _display_id(job), update=True)
+    out.end_job(job, status, value, error)
 
 
 def _target_loop() -> asyncio.AbstractEventLoop:
@@ -247,9 +243,3 @@ def _target_loop() -> asyncio.AbstractEventLoop:
     raise RuntimeError("loop mode needs a running event loop (the kernel's, or the caller's)")
 
 
-def _display_id(job: Job) -> str:
-    return f"concur-job-{id(job):x}-{job.id}"
-
-
-def _inject(thread_id: int, exc_type: type[BaseException]) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))

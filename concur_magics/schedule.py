@@ -246,10 +246,7 @@ def every(
 
     def finish(status: str, error: BaseException | None = None) -> None:
         periodic.stop()
-        if error is not None:
-            out.show_error(error)
-        job._finish(status, state["value"], error)
-        out.show(job, f"concur-job-{id(job):x}-{job.id}", update=True)
+        out.end_job(job, status, state["value"], error)
 
     async def run_once() -> None:
         __tracebackhide__ = True
@@ -281,7 +278,7 @@ def every(
 
     periodic = PeriodicCallback(tick, interval * 1000)
     job._mark_running(cancel)
-    out.show(job, f"concur-job-{id(job):x}-{job.id}")
+    out.start_job(job)
     loop.add_callback(tick)
     periodic.start()
     return job

@@ -162,10 +162,18 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _inject(thread_id: int, scope: _Scope) -> None:
-    """Raise CellTimeout asynchronously in another thread (at its next bytecode)."""
-    exc_type = type("CellTimeout", (CellTimeout,), {"__init__": _scope_init(scope)})
+def inject(thread_id: int, exc_type: type[BaseException]) -> None:
+    """Raise ``exc_type()`` in another thread at its next Python bytecode (after any blocking call).
+
+    The one way this package interrupts a thread it does not run on: thread-job timeouts and
+    cancels. Harmless if the thread has ended.
+    """
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+
+
+def _inject(thread_id: int, scope: _Scope) -> None:
+    """Raise this scope's CellTimeout in another thread."""
+    inject(thread_id, type("CellTimeout", (CellTimeout,), {"__init__": _scope_init(scope)}))
 
 
 def _scope_init(scope: _Scope) -> Callable[..., None]:

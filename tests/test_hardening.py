@@ -7,7 +7,6 @@ import json
 import random
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psutil
 import pytest
