@@ -365,7 +365,10 @@ def dask_figures(quick: bool) -> list[Row]:
     import psutil
 
     from concur_magics import CellTimeout, compile_cell, run_with_timeout
-    from concur_magics.cluster import CLUSTER, run_cell_on_dask
+    from concur_magics.cluster import run_cell_on_dask
+    from concur_magics.runtime import Runtime
+
+    CLUSTER = Runtime.current().cluster
 
     client = CLUSTER.client()
     client.wait_for_workers(os.cpu_count() or 1, timeout=60)

@@ -28,14 +28,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cells import CompiledCell, compile_cell
-from .jobs import JOBS, Job
+from .deadlines import CellTimeout
+from .jobs import Job
 from .output import CellOutput, format_traceback, with_rendered_traceback
-from .timeout import CellTimeout, check_seconds
 
-__all__ = ["ENV_SCHEDULER", "Cluster", "CLUSTER", "background_dask", "run_cell_on_dask"]
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ["ENV_SCHEDULER", "Cluster", "background_dask", "run_cell_on_dask"]
 
 ENV_SCHEDULER = "CONCUR_DASK_SCHEDULER"
 TOPIC = "concur-output"
@@ -185,7 +188,11 @@ class Cluster:
         return how
 
 
-CLUSTER = Cluster()
+def _cluster() -> Cluster:
+    """The Dask connection of the current owner (see :mod:`concur_magics.runtime`)."""
+    from .runtime import Runtime
+
+    return Runtime.current().cluster
 
 
 @dataclass
@@ -297,7 +304,7 @@ def submit(shipment: Shipment) -> Any:
         Naming the inputs that can't be serialised.
     """
     __tracebackhide__ = True
-    client = CLUSTER.client()
+    client = _cluster().client()
     inputs = {
         name: (value.result() if isinstance(value, Job) else value)
         for name, value in shipment.inputs.items()
@@ -331,6 +338,7 @@ def _unpicklable(inputs: dict[str, Any]) -> list[str]:
 
 
 def background_dask(
+    runtime: Runtime,
     source: str,
     *,
     name: str | None = None,
@@ -338,67 +346,59 @@ def background_dask(
     shell: Any = None,
     namespace: dict[str, Any] | None = None,
     first_line: int = 1,
-    bind: Callable[[Callable[[], None]], None] | None = None,
+    cell: str | None = None,
 ) -> Job:
-    """Run cell ``source`` on a Dask worker as a background Job.
+    """Run cell ``source`` on a Dask worker as a background Job of ``runtime``.
 
-    ``bind(callback)`` runs the callback where it may touch the namespace (the kernel's loop); by
-    default it is called directly.
+    The names the cell binds come back into the namespace on the kernel's loop (when there is one).
     """
+    cluster = runtime.cluster
     ns = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
-    cell = compile_cell(source, shell=shell, first_line=first_line)
-    shipment = prepare(cell, ns, shell)
-    CLUSTER.client()  # connect (or start the local cluster) now, so errors show in this cell
-    job = JOBS.add(Job(source, "dask", name))
+    compiled = compile_cell(source, shell=shell, first_line=first_line)
+    shipment = prepare(compiled, ns, shell)
+    cluster.client()  # connect (or start the local cluster) now, so errors show in this cell
     out = CellOutput(shell)
-    CLUSTER.route(shipment.token, out)
-    limit = check_seconds(timeout) if timeout is not None else None
-    run_on_loop = bind or (lambda callback: callback())
+    job = runtime.jobs.add(Job(source, "dask", name, out=out, limit=timeout, cell=cell))
+    cluster.route(shipment.token, out)
+    stopping = threading.Lock()
 
-    settled = threading.Event()
-
-    def finish(status: str, value: Any = None, error: BaseException | None = None, names: dict[str, Any] | None = None) -> None:
-        if settled.is_set():
-            return
-        settled.set()
-
+    def finish(status: str, value: Any = None, error: BaseException | None = None,
+               names: dict[str, Any] | None = None) -> None:
         def on_loop() -> None:
             if names:
                 ns.update(names)
-            if status == "done":
-                out.show_value(value)
-            out.end_job(job, status, value, error)
-            CLUSTER.unroute(shipment.token)
+            job.settle(status, value, error)
+            cluster.unroute(shipment.token)
 
-        run_on_loop(on_loop)
+        loop = runtime.kernel_loop()
+        if loop is not None:
+            loop.call_soon_threadsafe(on_loop)
+        else:
+            on_loop()
 
-    def stop(status: str) -> None:
+    def stop_remote() -> None:
         future = getattr(job, "_dask_future", None)
-        if future is None:
-            finish(status)
-            return
-        how = CLUSTER.stop(future, shipment.token)
-        error = CellTimeout(limit or 0, "dask", "worker", f"({how})") if status == "timeout" else None
+        how = cluster.stop(future, shipment.token) if future is not None else "before it started"
+        status = job._stopping or "cancelled"
+        error = CellTimeout(job.limit or 0.0, "dask", "worker", f"({how})") if status == "timeout" else None
         finish(status, error=error)
 
+    def interrupt() -> None:
+        if stopping.acquire(blocking=False):  # one remote stop, however often we are asked
+            threading.Thread(target=stop_remote, name=f"concur-dask-stop-{job.id}", daemon=True).start()
+
     def start() -> None:
+        if job.done():
+            return
         try:
             future = submit(shipment)
         except Exception as exc:  # noqa: BLE001 - shown in the cell, job status error
             finish("error", error=exc)
             return
         job._dask_future = future  # type: ignore[attr-defined]
-        if limit is not None:
-
-            def deadline() -> None:
-                if not job.done():
-                    stop("timeout")
-
-            timer = threading.Timer(limit, deadline)
-            timer.daemon = True
-            timer.start()
-            job.add_done_callback(lambda _: timer.cancel())
-        future.add_done_callback(lambda f: threading.Thread(target=collect, args=(f,), daemon=True).start())
+        future.add_done_callback(
+            lambda f: threading.Thread(target=collect, args=(f,), name="concur-dask-result", daemon=True).start()
+        )
 
     def collect(future: Any) -> None:
         if job.done() or future.cancelled() or future.status == "cancelled":
@@ -410,8 +410,7 @@ def background_dask(
             return
         finish("done", value, names=names)
 
-    job._mark_running(lambda: threading.Thread(target=stop, args=("cancelled",), daemon=True).start())
-    out.start_job(job)
+    job.begin(interrupt, runtime.deadlines.call_later)
     if shipment.waits_for:
         pending = list(shipment.waits_for)
         remaining = [len(pending)]
@@ -455,23 +454,24 @@ def run_cell_on_dask(cell: CompiledCell, namespace: dict[str, Any], limit: float
     shipment = prepare(cell, namespace, shell)
     for dependency in shipment.waits_for:
         dependency.result()
-    CLUSTER.route(shipment.token, CellOutput(shell))
+    cluster = _cluster()
+    cluster.route(shipment.token, CellOutput(shell))
     try:
         future = submit(shipment)
         try:
             value, names = future.result(timeout=limit)
         except distributed.TimeoutError:
-            how = CLUSTER.stop(future, shipment.token)
+            how = cluster.stop(future, shipment.token)
             raise CellTimeout(limit, "dask", "worker", f"({how})") from None
         except KeyboardInterrupt:
-            CLUSTER.stop(future, shipment.token)
+            cluster.stop(future, shipment.token)
             raise
         except Exception as exc:
             raise _rendered(exc)  # noqa: B904 - the remote exception itself, shown as the worker saw it
         namespace.update(names)
         return value
     finally:
-        CLUSTER.unroute(shipment.token)
+        cluster.unroute(shipment.token)
 
 
 def run_call_on_dask(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], limit: float) -> Any:
@@ -479,18 +479,19 @@ def run_call_on_dask(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
     import distributed
 
     token = f"{os.getpid()}-{next(_tokens)}"
-    CLUSTER.route(token, CellOutput(None))
+    cluster = _cluster()
+    cluster.route(token, CellOutput(None))
     try:
-        future = CLUSTER.client().submit(
+        future = cluster.client().submit(
             run_remote_call, fn, args, kwargs, token, key=f"concur-call-{token}", pure=False, retries=0
         )
         try:
             return future.result(timeout=limit)
         except distributed.TimeoutError:
-            how = CLUSTER.stop(future, token)
+            how = cluster.stop(future, token)
             raise CellTimeout(limit, "dask", "worker", f"({how})") from None
     finally:
-        CLUSTER.unroute(token)
+        cluster.unroute(token)
 
 
 # --------------------------------------------------------------------------- on the worker

@@ -1,4 +1,21 @@
-"""Job — a future for work running alongside the notebook — and the table behind ``%jobs``."""
+"""Job — a future for work running alongside the notebook — its one lifecycle, and the job table.
+
+Every kind of job (a thread, a task on the kernel's loop, a periodic schedule, a Dask task) lives
+the same life, written once here:
+
+    begin (pending -> running, status line shown) -> run -> settle exactly once
+    (done / error / cancelled / timeout) -> report (traceback, value, status line) -> future set
+
+A *driver* (``runners.py``, ``schedule.py``, ``cluster.py``) only starts the work, knows how to
+interrupt it, and hands the job the outcome through :meth:`Job.outcome_of` and :meth:`Job.settle`.
+Whatever user code raises — ``SystemExit``, ``KeyboardInterrupt`` and ``GeneratorExit`` included —
+ends the job with status ``error``; nothing escapes into the kernel's loop.
+
+Stopping (``cancel()``, a ``--timeout``) is the lifecycle's too: it asks the driver to interrupt the
+work, asks again every second while the work runs on, and settles the job :data:`SETTLE_AFTER`
+seconds after the request even if the work caught the interruption and carried on (the job's line
+then says its code is still running).
+"""
 
 from __future__ import annotations
 
@@ -10,55 +27,77 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["CellActivity", "Job", "JobTable", "JOBS", "wait_for_jobs", "wait_for_jobs_async"]
+from .deadlines import CellTimeout
+
+if TYPE_CHECKING:
+    from .output import CellOutput
+
+__all__ = ["CellActivity", "Job", "JobStopped", "JobTable", "wait_for_jobs", "wait_for_jobs_async"]
 
 _FINAL = {"done", "error", "cancelled", "timeout"}
+# Seconds from a stop request (cancel, deadline) to the job being settled even if its code caught
+# the interruption and carried on; meanwhile it is interrupted again every REPEAT seconds.
+SETTLE_AFTER = 1.0
+REPEAT = 1.0
+
+
+class JobStopped(BaseException):
+    """Raised inside a thread job to stop it (a BaseException, so ``except Exception`` lets it by)."""
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> Any: ...
+
+
+# A driver's timer: call_later(seconds, fn) -> something with cancel(). Loop drivers use the loop's
+# own timers; thread and Dask drivers use the deadline engine's one thread.
+Timer = Callable[[float, Callable[[], None]], Any]
 
 
 class CellActivity:
     """Whether a foreground cell is busy, for ``%%every`` runs that must not race it.
 
-    The extension's pre/post_execute event handlers keep ``executing``. A cell that awaits yields
-    the kernel's loop, so a periodic run could otherwise slip in between its statements — unless
-    the cell is waiting for jobs (``%jobs wait``, or awaiting an ``every`` job), which is asking for
-    them to run. Touched only on the kernel's main thread.
+    The extension's pre/post_execute event handlers call :meth:`started` / :meth:`finished`. A cell
+    that awaits yields the kernel's loop, so a periodic run could otherwise slip in between its
+    statements — unless the cell is waiting for jobs (``%jobs wait``, or awaiting an ``every``
+    job), which is asking for them to run. A run still suspended at an ``await`` when a cell starts
+    is cancelled there (see :mod:`concur_magics.schedule`). Touched only on the kernel's main thread.
     """
 
-    executing = False
-    waiting = 0
+    def __init__(self) -> None:
+        self.executing = False
+        self.waiting = 0
+        self.on_start: set[Callable[[], None]] = set()
 
-    @classmethod
-    def started(cls) -> None:
-        cls.executing = True
+    def started(self) -> None:
+        self.executing = True
+        for callback in list(self.on_start):
+            callback()
 
-    @classmethod
-    def finished(cls) -> None:
-        cls.executing = False
+    def finished(self) -> None:
+        self.executing = False
 
-    @classmethod
-    def quiet(cls) -> bool:
+    def quiet(self) -> bool:
         """True when a periodic run may touch the namespace now."""
-        return not cls.executing or cls.waiting > 0
+        return not self.executing or self.waiting > 0
 
-    @classmethod
     @contextmanager
-    def waiting_for_jobs(cls) -> Iterator[None]:
-        cls.waiting += 1
+    def waiting_for_jobs(self) -> Iterator[None]:
+        self.waiting += 1
         try:
             yield
         finally:
-            cls.waiting -= 1
+            self.waiting -= 1
 
 
 class Job:
     """Work started by ``%%background`` (or :func:`concur_magics.background`): a future you can
     wait for, await, cancel and list.
 
-    The outcome lives in a :class:`concurrent.futures.Future`, which does the waiting and the
-    callbacks; the job adds what a user wants to see: a status, timing, a name and reprs.
-    All methods are thread-safe.
+    The outcome lives in a :class:`concurrent.futures.Future`, which does the waiting; the job adds
+    what a user wants to see: a status, timing, a name and reprs. All methods are thread-safe.
 
     Attributes
     ----------
@@ -72,25 +111,48 @@ class Job:
         The cell body (or a description of the callable).
     skipped:
         For ``%%every`` jobs: runs skipped because a cell was executing or a run was still going.
+    note:
+        Set when the job settled while its code was still running (it caught the stop).
     """
 
     _ids = itertools.count(1)
 
-    def __init__(self, source: str, mode: str, name: str | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        mode: str,
+        name: str | None = None,
+        *,
+        out: CellOutput | None = None,
+        limit: float | None = None,
+        cell: str | None = None,
+    ) -> None:
         self.id = next(self._ids)
         self.name = name
         self.mode = mode
         self.source = source
+        self.cell = cell
+        self.limit = limit
         self.skipped = 0
+        self.note = ""
+        self._out = out
         self._future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        # Reentrant: a runner's cancel hook may finish the job while cancel() holds the lock.
+        self._callbacks: list[Callable[[Job], Any]] = []
+        # Reentrant: settle() may run inside a driver's interrupt while stop() holds the lock.
         self._lock = threading.RLock()
         self._status = "pending"
         self._started: float | None = None
         self._ended: float | None = None
-        self._cancel: Callable[[], object] | None = None  # set by the runner while the job runs
+        self._interrupt: Callable[[], object] | None = None
+        self._timer: Timer | None = None
+        self._timers: list[Cancellable] = []
+        self._stopping: str | None = None
+        self._working = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop a loop job runs on
         self._dask_future: Any = None  # the task of a dask job, once submitted
+        self._on_end: Callable[[Job], None] | None = None  # the table's retention hook
+        self._activity: CellActivity | None = None  # the owner's, set when added to its table
+        self._began = False
 
     # ------------------------------------------------------------------ state
     @property
@@ -120,6 +182,11 @@ class Job:
     def first_line(self) -> str:
         lines = [line for line in self.source.strip().splitlines() if line.strip()]
         return lines[0] if lines else ""
+
+    @property
+    def open_ended(self) -> bool:
+        """True for a schedule with no end of its own (``%%every`` without ``--times``)."""
+        return self.mode == "every" and getattr(self, "times", None) is None
 
     # ------------------------------------------------------------------ future API
     def done(self) -> bool:
@@ -152,86 +219,199 @@ class Job:
 
     def add_done_callback(self, fn: Callable[[Job], Any]) -> None:
         """Call ``fn(job)`` when the job ends (at once if it has), in the thread that ends it."""
-        self._future.add_done_callback(lambda _: fn(self))
+        with self._lock:
+            if not self.done():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def remove_done_callback(self, fn: Callable[[Job], Any]) -> None:
+        """Forget a callback given to :meth:`add_done_callback` (no error if it is not there)."""
+        with self._lock:
+            if fn in self._callbacks:
+                self._callbacks.remove(fn)
 
     def cancel(self) -> bool:
         """Stop the job: a pending one never starts, a running loop job is cancelled at its next
         ``await``, a running thread job gets an exception at its next Python bytecode.
 
+        A job whose code catches that and carries on is settled as ``cancelled`` a second after
+        the request all the same, and interrupted again every second until it stops.
+
         Returns
         -------
         bool
-            False if the job had already ended.
+            True if this call (or an earlier one still under way) stops the job; False if the job
+            had already ended.
         """
-        with self._lock:
-            if self._status in _FINAL:
-                return False
-            if self._status == "pending":
-                self._cancel_now()
-            elif self._cancel is not None:
-                # Under the lock, so the runner can't be finishing while we interrupt it.
-                self._cancel()
-            return True
+        return self.stop("cancelled")
 
     def __await__(self) -> Generator[Any, None, Any]:
         """``await job`` from any event loop: waits without blocking the loop.
 
-        Cancelling the awaiting task does not cancel the job (use :meth:`cancel`).
+        Cancelling the awaiting task (``asyncio.wait_for`` timing out, say) does not cancel the job
+        (use :meth:`cancel`), and leaves nothing behind on it.
         """
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
 
-        def copy_outcome(_: concurrent.futures.Future[Any]) -> None:
-            if waiter.done():
-                return
-            if self._future.cancelled():
-                waiter.cancel()
-            elif self._future.exception() is not None:
-                waiter.set_exception(self._future.exception())  # type: ignore[arg-type]
+        def wake(_: Job) -> None:
+            try:
+                loop.call_soon_threadsafe(_resolve, waiter)
+            except RuntimeError:  # the awaiting loop has closed
+                pass
+
+        self.add_done_callback(wake)
+        try:
+            if self.mode == "every" and self._activity is not None:
+                with self._activity.waiting_for_jobs():  # awaiting a schedule lets it run
+                    yield from waiter.__await__()
             else:
-                waiter.set_result(self._future.result())
+                yield from waiter.__await__()
+        finally:
+            self.remove_done_callback(wake)
+        if self._future.cancelled():
+            raise asyncio.CancelledError(f"job {self.label} was cancelled")
+        return self._future.result()
 
-        # The job may end on another thread: hand the outcome to this loop through its one
-        # thread-safe door.
-        self._future.add_done_callback(lambda f: loop.call_soon_threadsafe(copy_outcome, f))
-        if self.mode != "every":
-            return (yield from waiter.__await__())
-        with CellActivity.waiting_for_jobs():  # awaiting a schedule lets it run
-            return (yield from waiter.__await__())
+    # ------------------------------------------------------------------ the lifecycle
+    def begin(self, interrupt: Callable[[], object], timer: Timer) -> bool:
+        """pending -> running: called by the driver as the work starts; shows the status line.
 
-    # ------------------------------------------------------------------ runner side
-    def _mark_running(self, cancel: Callable[[], object]) -> bool:
-        """Called by the runner as the work starts; False if the job was cancelled meanwhile."""
+        ``interrupt()`` stops the work (thread-safe); ``timer(seconds, fn)`` schedules the job's
+        deadline and stop follow-ups where the driver's work runs. False if the job was cancelled
+        meanwhile (the work must not start).
+        """
         with self._lock:
             if self._status != "pending":
                 return False
             self._status = "running"
             self._started = time.monotonic()
-            self._cancel = cancel
-            return True
+            self._interrupt = interrupt
+            self._timer = timer
+            self._working = True
+            self._began = True
+            if self.limit is not None:
+                self._timers.append(timer(self.limit, self._deadline))
+        if self._out is not None:
+            self._out.start_job(self)
+        return True
 
-    def _finish(self, status: str, value: Any = None, error: BaseException | None = None) -> None:
-        """Record the outcome (called once, by the runner)."""
+    def _deadline(self) -> None:
+        self.stop("timeout")
+
+    def outcome_of(self, exc: BaseException) -> tuple[str, BaseException | None]:
+        """The status and error for an exception that ended the work; written once for all drivers."""
+        stopping = self._stopping
+        if isinstance(exc, (JobStopped, asyncio.CancelledError)) and stopping == "timeout":
+            return "timeout", self._timeout_error(exc)
+        if isinstance(exc, (JobStopped, asyncio.CancelledError)):
+            return "cancelled", None
+        if isinstance(exc, CellTimeout):
+            return "timeout", exc
+        return "error", exc  # SystemExit, KeyboardInterrupt, GeneratorExit: the job's error too
+
+    def settle(self, status: str, value: Any = None, error: BaseException | None = None,
+               *, show_value: bool = True, ended: bool = True) -> bool:
+        """End the job exactly once, report it in its cell, then complete its future.
+
+        Called by the driver when the work has ended (``ended=True``), or by the lifecycle when a
+        stop is overdue and the work runs on (``ended=False``). Later calls return False and change
+        nothing but the record that the work has ended.
+        """
+        with self._lock:
+            timers: list[Cancellable] = []
+            if ended:
+                self._working = False
+                timers, self._timers = self._timers, []
+            first = self._status not in _FINAL
+            if first:
+                self._status = status
+                self._ended = time.monotonic()
+                if self._started is None:
+                    self._started = self._ended
+        for handle in timers:
+            handle.cancel()
+        if not first:
+            return False
+        try:
+            if self._out is not None:
+                self._out.report(self, status, value if show_value else None, error)
+        finally:
+            self._complete(status, value, error)
+        return True
+
+    def stop(self, status: str) -> bool:
+        """Ask the work to stop and end as ``status`` (``cancelled`` or ``timeout``). Thread-safe."""
         with self._lock:
             if self._status in _FINAL:
+                return False
+            if self._stopping is not None:
+                return True  # asked twice: the first request is under way
+            self._stopping = status
+            pending = self._status == "pending"
+            if not pending and self._interrupt is not None:
+                self._interrupt()
+            timer = self._timer
+        if pending:
+            self.settle(status, None, self._timeout_error(None) if status == "timeout" else None)
+        elif timer is not None:
+            self._add_timer(timer(SETTLE_AFTER, self._overdue))
+        return True
+
+    def _add_timer(self, handle: Cancellable) -> None:
+        with self._lock:
+            if self._status in _FINAL and not self._working:
+                handle.cancel()
+            else:
+                self._timers.append(handle)
+
+    def _overdue(self) -> None:
+        """The work has not stopped SETTLE_AFTER s after a stop request: settle the job all the
+        same, and keep interrupting the work every REPEAT s until its driver reports it ended."""
+        with self._lock:
+            if not self._working:
                 return
-            self._status = status
-            self._ended = time.monotonic()
-            self._cancel = None
+            interrupt, timer = self._interrupt, self._timer
+            status = self._stopping or "cancelled"
+            if self._status not in _FINAL:
+                self.note = "its code caught the stop and is still running; it is interrupted every second"
+        if self._status not in _FINAL:
+            self.settle(status, None, self._timeout_error(None) if status == "timeout" else None, ended=False)
+        if interrupt is not None:
+            interrupt()
+        if timer is not None:
+            self._add_timer(timer(REPEAT, self._overdue))
+
+    def _timeout_error(self, cause: BaseException | None) -> CellTimeout:
+        step = "cancelled" if self.mode in ("loop", "every") else "raised"
+        if self.mode == "dask":
+            step = "worker"
+        if self.note:
+            step = "overdue"
+        error = CellTimeout(self.limit or 0.0, self.mode, step)
+        if cause is not None and cause.__traceback__ is not None:
+            error = error.with_traceback(cause.__traceback__)
+        return error
+
+    def _complete(self, status: str, value: Any, error: BaseException | None) -> None:
         if status == "cancelled":
             self._future.cancel()
-            return
-        self._future.set_running_or_notify_cancel()
-        if error is not None:
-            self._future.set_exception(error)
         else:
-            self._future.set_result(value)
-
-    def _cancel_now(self) -> None:
-        # Caller holds the lock; the job never started.
-        self._status = "cancelled"
-        self._started = self._ended = time.monotonic()
-        self._future.cancel()
+            self._future.set_running_or_notify_cancel()
+            if error is not None:
+                self._future.set_exception(error)
+            else:
+                self._future.set_result(value)
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception as exc:  # noqa: BLE001 - one bad callback must not stop the others
+                print(f"concur_magics: a done callback of job {self.label} failed: {exc!r}")
+        if self._on_end is not None:
+            self._on_end(self)
 
     def _check_not_blocking_own_loop(self) -> None:
         if self.done() or self._loop is None:
@@ -240,8 +420,11 @@ class Job:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        from . import compat
+
         if running is self._loop or (
-            threading.current_thread() is threading.main_thread() and _loop_thread_is_main(self._loop)
+            threading.current_thread() is threading.main_thread()
+            and compat.loop_thread_id(self._loop) == compat.main_thread_id()
         ):
             raise RuntimeError(
                 f"job {self.label} runs on this thread's event loop, so waiting for it here would "
@@ -256,11 +439,17 @@ class Job:
     def _repr_html_(self) -> str:
         colour = _COLOURS.get(self.status, "#555")
         timing = f" · {self.elapsed:.1f} s" if self._started is not None else ""
+        note = f" <small>({html.escape(self.note)})</small>" if self.note else ""
         return (
             f"<span style='font-family:monospace'><b>Job {html.escape(self.label)}</b> "
             f"[{self.mode}] <span style='color:{colour}'>{self.status}</span>{timing} — "
-            f"<code>{html.escape(self.first_line)}</code></span>"
+            f"<code>{html.escape(self.first_line)}</code>{note}</span>"
         )
+
+
+def _resolve(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 _COLOURS = {
@@ -273,22 +462,32 @@ _COLOURS = {
 }
 
 
-def _loop_thread_is_main(loop: asyncio.AbstractEventLoop) -> bool:
-    thread_id = getattr(loop, "_thread_id", None)  # asyncio records it while the loop runs
-    return thread_id is not None and thread_id == threading.main_thread().ident
-
-
 class JobTable:
-    """The jobs of this process, in start order: what ``%jobs`` lists. Thread-safe."""
+    """The jobs of one runtime, in start order: what ``%jobs`` lists. Thread-safe.
 
-    def __init__(self) -> None:
+    Running jobs are always kept. Of the jobs that ended, the newest ``keep`` are kept (with their
+    results); older ones are forgotten, so their values can be freed unless the user holds the
+    Job (``-o VAR``). ``%jobs clear`` forgets every ended job now.
+    """
+
+    def __init__(self, keep: int = 100, activity: CellActivity | None = None) -> None:
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
+        self.keep = keep
+        self.activity = activity
 
     def add(self, job: Job) -> Job:
         with self._lock:
             self._jobs[job.id] = job
+        job._on_end = self._ended
+        job._activity = self.activity
         return job
+
+    def _ended(self, job: Job) -> None:
+        with self._lock:
+            ended = [i for i, j in self._jobs.items() if j.done()]
+            for i in ended[: max(0, len(ended) - self.keep)]:
+                del self._jobs[i]
 
     def __iter__(self) -> Iterator[Job]:
         with self._lock:
@@ -296,6 +495,13 @@ class JobTable:
 
     def __len__(self) -> int:
         return len(self._jobs)
+
+    def running(self) -> list[Job]:
+        return [job for job in self if not job.done()]
+
+    def of_cell(self, cell: str | None) -> list[Job]:
+        """Jobs still running that were started by an earlier run of ``cell``."""
+        return [job for job in self.running() if cell is not None and job.cell == cell]
 
     def find(self, key: str) -> Job:
         """The job with this id (``3`` or ``#3``) or name (the newest job of that name).
@@ -305,8 +511,7 @@ class JobTable:
         KeyError
             With a message listing the known ids and names.
         """
-        with self._lock:
-            jobs = list(self._jobs.values())
+        jobs = list(self)
         wanted = key.lstrip("#")
         for job in jobs:
             if str(job.id) == wanted:
@@ -327,8 +532,8 @@ class JobTable:
 
     def cancel_all(self, join: float = 2.0) -> list[Job]:
         """Cancel every job still pending or running; wait up to ``join`` s for them; return
-        those that did not end (a thread stuck in C code)."""
-        jobs = [job for job in self if not job.done()]
+        those that did not end."""
+        jobs = self.running()
         for job in jobs:
             job.cancel()
         concurrent.futures.wait([job._future for job in jobs if job.mode == "thread"], timeout=join)
@@ -346,7 +551,9 @@ def wait_for_jobs(jobs: list[Job], timeout: float | None = None) -> None:
     concurrent.futures.wait([job._future for job in jobs], timeout=timeout)
 
 
-async def wait_for_jobs_async(jobs: list[Job], timeout: float | None = None) -> None:
+async def wait_for_jobs_async(
+    jobs: list[Job], timeout: float | None = None, activity: CellActivity | None = None
+) -> None:
     """Wait on the running loop until ``jobs`` have ended or ``timeout`` seconds have passed.
 
     The loop keeps running loop jobs meanwhile, and ``%%every`` runs may go on: waiting for jobs is
@@ -362,10 +569,15 @@ async def wait_for_jobs_async(jobs: list[Job], timeout: float | None = None) -> 
     waiters = [asyncio.ensure_future(ended(job)) for job in jobs]
     if not waiters:
         return
-    with CellActivity.waiting_for_jobs():
+    if activity is None:
         _, pending = await asyncio.wait(waiters, timeout=timeout)
+    else:
+        with activity.waiting_for_jobs():
+            _, pending = await asyncio.wait(waiters, timeout=timeout)
     for waiter in pending:
         waiter.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 class JobsView:
@@ -405,5 +617,3 @@ class JobsView:
         )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-
-JOBS = JobTable()

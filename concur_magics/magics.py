@@ -13,9 +13,10 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Enum, Float, TraitError, Unicode, default, observe, validate
 
-from . import cluster, runners, schedule
+from . import cluster, compat, runners, schedule
 from .cells import CompiledCell, compile_cell
-from .jobs import JOBS, Job, JobsView, wait_for_jobs, wait_for_jobs_async
+from .jobs import Job, JobsView, wait_for_jobs, wait_for_jobs_async
+from .runtime import Runtime
 from .timeout import MODES, check_seconds, run_cell_with_timeout, run_cell_with_timeout_async
 
 __all__ = ["ConcurMagics", "parse_args"]
@@ -40,19 +41,33 @@ def parse_args(magic: Callable[..., Any], line: str) -> argparse.Namespace:
 
 
 def seconds(text: str) -> float:
-    """An argparse type for a positive duration: ``2``, ``0.5``, ``500ms``, ``1m``."""
+    """An argparse type for a positive duration: ``2``, ``0.5``, ``500ms``, ``1m`` (at most 24.8 days)."""
     from dask.utils import parse_timedelta
 
+    shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
     try:
         value = parse_timedelta(text, default="seconds")
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, OverflowError):
         raise argparse.ArgumentTypeError(
-            f"expected a positive number of seconds (or a duration like 500ms), got {text!r}"
+            f"expected a positive number of seconds (or a duration like 500ms), got {shown!r}"
         ) from None
     try:
         return check_seconds(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most 2147483 s (24.8 days, the longest wait the platform "
+            f"can express), got {shown!r}"
+        ) from None
+
+
+def interval(text: str) -> float:
+    """An argparse type for a timer interval: a duration of at least 1 ms."""
+    value = seconds(text)
+    if value < schedule.MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1 ms (a shorter timer would spin a core or never keep up), got {text!r}"
+        )
+    return value
 
 
 @magics_class
@@ -87,15 +102,24 @@ class ConcurMagics(Magics):
     def _default_scheduler(self) -> str:
         return os.environ.get(cluster.ENV_SCHEDULER, "")
 
+    @property
+    def runtime(self) -> Runtime:
+        """The owner of everything these magics start."""
+        return Runtime.current()
+
+    @property
+    def _cluster(self) -> cluster.Cluster:
+        return self.runtime.cluster
+
     @observe("dask_scheduler")
     def _scheduler_changed(self, change: dict[str, Any]) -> None:
-        if cluster.CLUSTER.connected and change["new"] != cluster.CLUSTER.address:
-            cluster.CLUSTER.close()
-        cluster.CLUSTER.address = change["new"] or None
+        if self._cluster.connected and change["new"] != self._cluster.address:
+            self._cluster.close()
+        self._cluster.address = change["new"] or None
 
     @observe("dask_connect_timeout")
     def _connect_timeout_changed(self, change: dict[str, Any]) -> None:
-        cluster.CLUSTER.connect_timeout = change["new"]
+        self._cluster.connect_timeout = change["new"]
 
     @validate("dask_connect_timeout", "timeout_grace")
     def _check_seconds(self, proposal: dict[str, Any]) -> float:
@@ -233,15 +257,26 @@ class ConcurMagics(Magics):
         if args.dask and args.mode not in (None, "dask"):
             raise UsageError(f"--dask and --mode {args.mode} contradict each other\n{usage}")
         self._sync_cluster()
+        key = self._cell_key(line, cell)
+        earlier = self.runtime.jobs.of_cell(key)
         try:
             job = runners.background(
                 cell, name=args.name, mode="dask" if args.dask else args.mode, timeout=args.timeout,
-                shell=self.shell, first_line=2,
+                shell=self.shell, first_line=2, cell=key,
             )
         except ConnectionError as exc:
             raise UsageError(str(exc)) from None
+        for old in earlier:
+            # A rerun never loses the earlier job without a word; it keeps running (it may hold
+            # work the user wants), and this says how to stop it.
+            print(f"{old.label} from an earlier run of this cell is still running "
+                  f"({old.elapsed:.1f} s); %jobs cancel {old.id} stops it")
         if args.out is not None:
             self._namespace[args.out] = job
+
+    def _cell_key(self, line: str, cell: str) -> str:
+        """What identifies "this cell" across reruns: the frontend's cell id, else its text."""
+        return compat.cell_id(self.shell) or f"text:{hash((line, cell))}"
 
     @magic_arguments()
     @argument(
@@ -279,9 +314,9 @@ class ConcurMagics(Magics):
         """
         args, targets = self._parse_jobs(line)
         if args.action == "list":
-            return JOBS.view()
+            return self.runtime.jobs.view()
         if args.action == "clear":
-            print(f"forgot {JOBS.clear()} finished job(s)")
+            print(f"forgot {self.runtime.jobs.clear()} finished job(s)")
             return None
         if args.action == "cancel":
             for job in targets:
@@ -300,7 +335,7 @@ class ConcurMagics(Magics):
     async def jobs_async(self, line: str) -> JobsView | None:
         """``%jobs wait`` on the kernel's loop, so loop jobs keep running while it waits."""
         args, targets = self._parse_jobs(line)
-        await wait_for_jobs_async(targets, args.timeout)
+        await wait_for_jobs_async(targets, args.timeout, self.runtime.activity)
         return self._waited(targets)
 
     def _parse_jobs(self, line: str) -> tuple[argparse.Namespace, list[Job]]:
@@ -314,7 +349,13 @@ class ConcurMagics(Magics):
             raise UsageError(f"--timeout goes with %jobs wait\n{usage}")
         targets = [self._find_job(key, usage) for key in args.jobs]
         if args.action == "wait" and not args.jobs:
-            targets = [job for job in JOBS if not job.done()]
+            running = self.runtime.jobs.running()
+            targets = [job for job in running if not job.open_ended]
+            endless = [job.label for job in running if job.open_ended]
+            if endless:
+                # They would never end: waiting for them would hang the notebook.
+                print(f"not waiting for open-ended schedules: {', '.join(endless)} "
+                      "(name them to wait, or %jobs cancel them)")
         return args, targets
 
     @magic_arguments()
@@ -348,46 +389,45 @@ class ConcurMagics(Magics):
         if args.action == "connect":
             if not args.address:
                 raise UsageError(f"%dask connect needs a scheduler address\n{usage}")
-            cluster.CLUSTER.close()
+            self._cluster.close()
             self.dask_scheduler = args.address
         elif args.address:
             raise UsageError(f"%dask {args.action} takes no address\n{usage}")
         if args.action == "close":
-            was = "closed the local cluster" if cluster.CLUSTER.ours else "disconnected"
-            connected = cluster.CLUSTER.connected
-            cluster.CLUSTER.close()
+            was = "closed the local cluster" if self._cluster.ours else "disconnected"
+            connected = self._cluster.connected
+            self._cluster.close()
             print(was if connected else "not connected")
             return None
         self._sync_cluster()
         try:
-            return cluster.CLUSTER.info()
+            return self._cluster.info()
         except ConnectionError as exc:
             raise UsageError(str(exc)) from None
 
     def _sync_cluster(self) -> None:
-        cluster.CLUSTER.connect_timeout = self.dask_connect_timeout
-        if not cluster.CLUSTER.connected:
-            cluster.CLUSTER.address = self.dask_scheduler or None
+        self._cluster.connect_timeout = self.dask_connect_timeout
+        if not self._cluster.connected:
+            self._cluster.address = self.dask_scheduler or None
 
     def _find_job(self, key: str, usage: str) -> Job:
         """A job by id, name, or a variable it was bound to with ``-o``."""
         try:
-            return JOBS.find(key)
+            return self.runtime.jobs.find(key)
         except KeyError as exc:
             bound = self._namespace.get(key)
             if isinstance(bound, Job):
                 return bound
             raise UsageError(f"{exc.args[0]}\n{usage}") from None
 
-    @staticmethod
-    def _waited(targets: list[Job]) -> JobsView | None:
+    def _waited(self, targets: list[Job]) -> JobsView | None:
         if not targets:
             print("no jobs to wait for")
             return None
         running = [job.label for job in targets if not job.done()]
         if running:
             print(f"still running: {', '.join(running)}")
-        return JOBS.view(targets)
+        return self.runtime.jobs.view(targets)
 
 
     @magic_arguments()
@@ -395,7 +435,7 @@ class ConcurMagics(Magics):
         "--format", default=schedule.DEFAULT_FORMAT, metavar="FMT",
         help="a time.strftime format (default: %%d-%%m-%%Y %%H:%%M:%%S)",
     )
-    @argument("--interval", type=seconds, default=1.0, metavar="SECONDS", help="seconds between ticks (default 1)")
+    @argument("--interval", type=interval, default=1.0, metavar="SECONDS", help="seconds between ticks (default 1)")
     @argument("--stop", nargs="?", const="all", metavar="ID", help="stop every clock, or the one with this id")
     @line_magic
     def clock(self, line: str) -> schedule.Clock | None:
@@ -428,7 +468,7 @@ class ConcurMagics(Magics):
             raise UsageError(str(exc)) from None
 
     @magic_arguments()
-    @argument("interval", type=seconds, help="time between runs: 5, 0.5, 500ms, 5s, 2m")
+    @argument("interval", type=interval, help="time between runs: 5, 0.5, 500ms, 5s, 2m (at least 1 ms)")
     @argument("--times", type=int, metavar="N", help="stop after N runs")
     @argument("-n", "--name", help="a name for the job, for %%jobs and %%jobs cancel NAME")
     @argument("-o", "--out", metavar="VAR", help="bind the Job to VAR at once")
@@ -457,9 +497,18 @@ class ConcurMagics(Magics):
             raise UsageError(f"--times must be at least 1, got {args.times}\n{usage}")
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"-o needs a variable name, got {args.out!r}\n{usage}")
+        key = self._cell_key(line, cell)
+        replaced = [
+            job for job in self.runtime.jobs.running()
+            if job.mode == "every" and (job.cell == key or (args.name and job.name == args.name))
+        ]
+        for old in replaced:
+            # A rerun of a schedule means "this schedule, changed": the old one must not run on.
+            old.cancel()
+            print(f"replaced schedule {old.label}: cancelled")
         job = schedule.every(
             cell, args.interval, times=args.times, name=args.name, shell=self.shell,
-            namespace=self._namespace, first_line=2,
+            namespace=self._namespace, first_line=2, cell=key,
         )
         if args.out is not None:
             self._namespace[args.out] = job

@@ -73,15 +73,19 @@ class CellOutput:
         self.run(write_stream, name, text)
 
     def start_job(self, job: Job) -> None:
-        """Show a job's status line (a display that :meth:`end_job` updates in place)."""
+        """Show a job's status line (a display that :meth:`report` updates in place)."""
         self.show(job, job.display_id)
 
-    def end_job(self, job: Job, status: str, value: Any = None, error: BaseException | None = None) -> None:
-        """Record how a job ended, show its traceback if it failed, and refresh its status line."""
+    def report(self, job: Job, status: str, value: Any = None, error: BaseException | None = None) -> None:
+        """Show how a job ended: its traceback or its value, then its refreshed status line.
+
+        Only shows; the job records its outcome itself (:meth:`Job.settle`).
+        """
         if error is not None:
             self.show_error(error)
-        job._finish(status, value, error)
-        self.show(job, job.display_id, update=True)
+        elif status == "done":
+            self.show_value(value)
+        self.show(job, job.display_id, update=job._began)
 
     def show(self, obj: Any, display_id: str, *, update: bool = False) -> None:
         """Display ``obj`` under ``display_id`` (or refresh every output showing it)."""

@@ -79,6 +79,7 @@ def run_in_child(
     *,
     copy_back: bool = False,
     shell: Any = None,
+    children: Any = None,
 ) -> ChildResult:
     """Run ``work(namespace)`` in a forked child, killing it at ``limit`` seconds.
 
@@ -513,3 +514,10 @@ class _PipePublisher(DisplayPublisher):
 
     def clear_output(self, wait: bool = False) -> None:
         self._send(("display", "clear", {"wait": wait}))
+
+
+class Children:
+    """Process-mode children running now, owned by the extension's one owner object."""
+
+    def kill_all(self) -> None:
+        kill_all()

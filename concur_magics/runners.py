@@ -1,13 +1,17 @@
-"""Run a compiled cell (or a callable) as a background job: in a thread or on the kernel's loop.
+"""Drivers that run a compiled cell (or a callable) as a background job: a thread or a loop task.
 
 ``thread``
-    A named worker thread per job, started in a copy of the starting cell's context. For blocking
-    code. Cancelling raises an exception in the thread at its next Python bytecode.
+    A worker thread from the owner's pool, running in a copy of the starting cell's context. For
+    blocking code. Stopping raises :class:`~concur_magics.jobs.JobStopped` in the thread at its
+    next Python bytecode.
 ``loop``
     A task on the kernel's own asyncio loop — no thread. For code that awaits: thousands of such jobs
-    cost no threads. Cancelling cancels the task at its next ``await``. The task is created through
-    ``loop.call_soon_threadsafe``, the loop's one thread-safe door, so a job can be started from any
-    thread; it starts once the loop is free (after the current cell, if that cell is busy).
+    cost no threads, and their deadlines are the loop's own timers. Stopping cancels the task at its
+    next ``await``. The task is created through ``loop.call_soon_threadsafe``, the loop's one
+    thread-safe door, so a job can be started from any thread; it starts once the loop is free.
+
+A driver only starts the work and knows how to interrupt it; the job's life — begin, settle once,
+report — is :class:`~concur_magics.jobs.Job`'s.
 """
 
 from __future__ import annotations
@@ -19,21 +23,16 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import compat
 from .cells import CompiledCell, compile_cell
-from .jobs import JOBS, Job
+from .deadlines import check_seconds
+from .jobs import Job, JobStopped
 from .output import CellOutput
-from .timeout import CellTimeout, check_seconds, inject, timeout
+from .runtime import Runtime
 
 __all__ = ["MODES", "background"]
 
 MODES = ("thread", "loop", "dask")
-
-# The kernel's loop, recorded when the extension loads, for jobs started from other threads.
-kernel_loop: asyncio.AbstractEventLoop | None = None
-
-
-class _CancelJob(BaseException):
-    """Raised inside a thread job to cancel it (a BaseException, so `except Exception` lets it by)."""
 
 
 def background(
@@ -46,6 +45,7 @@ def background(
     shell: Any = None,
     first_line: int = 1,
     show: bool = True,
+    cell: str | None = None,
 ) -> Job:
     """Start ``work`` alongside the caller and return its :class:`Job` at once.
 
@@ -72,6 +72,8 @@ def background(
     show:
         Show the job's status line, final value and traceback in the starting cell. With False
         only what the job prints appears there; the outcome is kept in the Job.
+    cell:
+        An identity of the starting cell (the frontend's cell id), to find jobs of earlier runs.
 
     Raises
     ------
@@ -85,32 +87,25 @@ def background(
         timeout = check_seconds(timeout)
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    runtime = Runtime.current()
     if mode == "dask":
         from .cluster import background_dask
 
         if not isinstance(work, str):
             raise TypeError("dask mode runs cell source; submit callables with the Dask client")
         return background_dask(
-            work, name=name, timeout=timeout, shell=shell, namespace=namespace,
-            first_line=first_line, bind=_on_kernel_loop,
+            runtime, work, name=name, timeout=timeout, shell=shell, namespace=namespace,
+            first_line=first_line, cell=cell,
         )
     call, is_async, source = _as_callable(work, shell, namespace, first_line)
     mode = mode or ("loop" if is_async else "thread")
-    job = JOBS.add(Job(source, mode, name))
     out = CellOutput(shell if show else None)
+    job = runtime.jobs.add(Job(source, mode, name, out=out, limit=timeout, cell=cell))
     if mode == "thread":
-        _start_thread(job, call, is_async, timeout, out)
+        _start_thread(runtime, job, call, is_async, out)
     else:
-        _start_task(job, call, is_async, timeout, out)
+        _start_task(runtime, job, call, out)
     return job
-
-
-def _on_kernel_loop(callback: Callable[[], None]) -> None:
-    """Run ``callback`` where the namespace may be touched: the kernel's loop, if there is one."""
-    if kernel_loop is not None and kernel_loop.is_running():
-        kernel_loop.call_soon_threadsafe(callback)
-    else:
-        callback()
 
 
 def _current_shell() -> Any:
@@ -138,7 +133,32 @@ def _as_callable(
     raise TypeError(f"background() takes cell source, a callable or an awaitable, not {type(work).__name__}")
 
 
-def _start_thread(job: Job, call: Callable[[], Any], is_async: bool, limit: float | None, out: CellOutput) -> None:
+class _ThreadTarget:
+    """The one way into a job's thread: raise JobStopped there, until :meth:`close`. Thread-safe."""
+
+    def __init__(self) -> None:
+        self.ident = threading.get_ident()
+        self._lock = threading.Lock()
+        self._open = True
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._open and not isinstance(compat.handled_exception(self.ident), JobStopped):
+                compat.async_raise(self.ident, JobStopped)
+
+    def close(self) -> None:
+        """No more interrupts; a requested one not yet delivered is dropped. Call in the thread."""
+        while True:
+            try:
+                with self._lock:
+                    self._open = False
+                    compat.async_raise(self.ident, None)
+                return
+            except JobStopped:
+                continue  # one landed just before the lock was taken: it is the work's no more
+
+
+def _start_thread(runtime: Runtime, job: Job, call: Callable[[], Any], is_async: bool, out: CellOutput) -> None:
     def body() -> Any:
         __tracebackhide__ = True
         result = call()
@@ -149,70 +169,52 @@ def _start_thread(job: Job, call: Callable[[], Any], is_async: bool, limit: floa
 
     def main() -> None:
         __tracebackhide__ = True
-        thread_id = threading.get_ident()
-        if not job._mark_running(lambda: inject(thread_id, _CancelJob)):
+        threading.current_thread().name = f"concur-job-{job.id}"
+        target = _ThreadTarget()
+        if not job.begin(target.interrupt, runtime.deadlines.call_later):
             return
-        out.start_job(job)
-        status, value, error = "cancelled", None, None  # type: tuple[str, Any, BaseException | None]
-        try:
+        outcome: list[tuple[str, Any, BaseException | None]] = []
+        while True:
             try:
-                if limit is None:
-                    value = body()
-                else:
-                    with timeout(limit):
+                if not outcome:
+                    try:
                         value = body()
-                status = "done"
-            except _CancelJob:
-                status = "cancelled"
-            except CellTimeout as exc:
-                status, error = "timeout", exc
-            except BaseException as exc:  # noqa: BLE001 - every failure belongs to the job
-                status, error = "error", exc
-        finally:
-            _settle(job)
-        _report(job, out, status, value, error)
+                    except BaseException as exc:  # noqa: BLE001 - every failure belongs to the job
+                        outcome.append((*_split(job.outcome_of(exc)),))
+                    else:
+                        outcome.append(("done", value, None))
+                target.close()
+                break
+            except JobStopped as exc:  # landed after the work ended, in the lines above
+                if not outcome:
+                    outcome.append((*_split(job.outcome_of(exc)),))
+        status, value, error = outcome[0]
+        job.settle(status, value, error)
 
-    thread = threading.Thread(target=out.run, args=(main,), name=f"concur-job-{job.id}", daemon=True)
-    thread.start()
-
-
-def _settle(job: Job) -> None:
-    """Stop further cancel requests; swallow one that raced with the end of the work."""
-    while True:
-        try:
-            with job._lock:
-                job._cancel = lambda: None
-            return
-        except _CancelJob:
-            continue
+    runtime.workers.submit(functools.partial(out.run, main))
 
 
-def _start_task(job: Job, call: Callable[[], Any], is_async: bool, limit: float | None, out: CellOutput) -> None:
-    loop = _target_loop()
+def _split(outcome: tuple[str, BaseException | None]) -> tuple[str, Any, BaseException | None]:
+    return outcome[0], None, outcome[1]
+
+
+def _start_task(runtime: Runtime, job: Job, call: Callable[[], Any], out: CellOutput) -> None:
+    loop = _target_loop(runtime)
     job._loop = loop
 
     async def main() -> None:
         __tracebackhide__ = True
         task = asyncio.current_task()
         assert task is not None
-        if not job._mark_running(lambda: loop.call_soon_threadsafe(task.cancel)):
+        # The loop's own timers: a loop job's deadline and stop follow-ups cost no thread.
+        if not job.begin(lambda: loop.call_soon_threadsafe(task.cancel), loop.call_later):
             return
-        out.start_job(job)
-        status, value, error = "cancelled", None, None  # type: tuple[str, Any, BaseException | None]
+        status, value, error = "done", None, None  # type: tuple[str, Any, BaseException | None]
         try:
-            if limit is None:
-                value = await _maybe_await(call())
-            else:
-                with timeout(limit):
-                    value = await _maybe_await(call())
-            status = "done"
-        except asyncio.CancelledError:
-            status = "cancelled"
-        except CellTimeout as exc:
-            status, error = "timeout", exc
-        except Exception as exc:  # noqa: BLE001 - every failure belongs to the job
-            status, error = "error", exc
-        _report(job, out, status, value, error)
+            value = await _maybe_await(call())
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and friends too: never into the loop
+            status, error = job.outcome_of(exc)
+        job.settle(status, value, error)
 
     def start() -> None:
         # Created in the starting cell's context, so the task's output goes to that cell.
@@ -228,18 +230,11 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-def _report(job: Job, out: CellOutput, status: str, value: Any, error: BaseException | None) -> None:
-    if status == "done":
-        out.show_value(value)
-    out.end_job(job, status, value, error)
-
-
-def _target_loop() -> asyncio.AbstractEventLoop:
+def _target_loop(runtime: Runtime) -> asyncio.AbstractEventLoop:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
-        if kernel_loop is not None and kernel_loop.is_running():
-            return kernel_loop
+        loop = runtime.kernel_loop()
+        if loop is not None:
+            return loop
     raise RuntimeError("loop mode needs a running event loop (the kernel's, or the caller's)")
-
-

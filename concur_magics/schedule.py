@@ -25,13 +25,24 @@ from typing import Any
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from .cells import compile_cell
-from .jobs import JOBS, CellActivity, Job
+from .deadlines import check_seconds
+from .jobs import Job
 from .output import CellOutput
-from .timeout import check_seconds
+from .runtime import Runtime
 
-__all__ = ["CLOCKS", "CellActivity", "Clock", "WallClockTimer", "every", "start_clock", "stop_clocks"]
+__all__ = ["MIN_INTERVAL", "Clock", "WallClockTimer", "every", "start_clock", "stop_clocks"]
 
 DEFAULT_FORMAT = "%d-%m-%Y %H:%M:%S"
+# Below a millisecond a timer on a loop either spins a core or silently never keeps up.
+MIN_INTERVAL = 0.001
+
+
+def check_interval(seconds: float) -> float:
+    """``seconds`` as a float, or ValueError unless it is between 1 ms and 24.8 days."""
+    value = check_seconds(seconds, "an interval")
+    if value < MIN_INTERVAL:
+        raise ValueError(f"an interval must be at least 1 ms, got {seconds!r} s")
+    return value
 
 
 class WallClockTimer:
@@ -43,7 +54,7 @@ class WallClockTimer:
 
     def __init__(self, loop: IOLoop, interval: float, callback: Callable[[float], None]) -> None:
         self.loop = loop
-        self.interval = check_seconds(interval, "an interval")
+        self.interval = check_interval(interval)
         self.callback = callback
         self.skipped = 0
         self._handle: object | None = None
@@ -103,9 +114,11 @@ class Clock:
         published (the last 3,600 are kept).
     """
 
-    def __init__(self, loop: IOLoop, interval: float, fmt: str, out: CellOutput) -> None:
+    def __init__(self, loop: IOLoop, interval: float, fmt: str, out: CellOutput,
+                 registry: dict[int, Clock] | None = None) -> None:
         self.id = next(_clock_ids)
-        self.interval = check_seconds(interval)
+        self.interval = check_interval(interval)
+        self.registry = registry if registry is not None else {}
         self.format = fmt
         self.out = out
         self.display_id = f"concur-clock-{id(self):x}-{self.id}"
@@ -117,7 +130,7 @@ class Clock:
     def start(self) -> Clock:
         self.out.show(self._face(self._last), self.display_id)
         self._timer.start()
-        CLOCKS[self.id] = self
+        self.registry[self.id] = self
         return self
 
     def stop(self) -> None:
@@ -125,7 +138,7 @@ class Clock:
         if self._timer.stopped:
             return
         self._timer.stop()
-        CLOCKS.pop(self.id, None)
+        self.registry.pop(self.id, None)
         self.out.show(self._face(self._last, stopped=True), self.display_id, update=True)
 
     @property
@@ -171,9 +184,6 @@ class ClockFace:
         )
 
 
-CLOCKS: dict[int, Clock] = {}
-
-
 def start_clock(shell: Any, interval: float = 1.0, fmt: str = DEFAULT_FORMAT) -> Clock:
     """Show a live clock in the current cell, ticking on the kernel's IOPub loop.
 
@@ -181,13 +191,15 @@ def start_clock(shell: Any, interval: float = 1.0, fmt: str = DEFAULT_FORMAT) ->
     ------
     RuntimeError
         Outside an ipykernel (a terminal has no output area to update).
+    ValueError
+        For an interval under 1 ms or over 24.8 days.
     """
     kernel = getattr(shell, "kernel", None)
     iopub = getattr(kernel, "iopub_thread", None)
     loop = getattr(iopub, "io_loop", None)
     if loop is None:
         raise RuntimeError("%clock needs a Jupyter kernel (ipykernel): it updates a cell's output")
-    return Clock(loop, interval, fmt, CellOutput(shell)).start()
+    return Clock(loop, interval, fmt, CellOutput(shell), Runtime.current().clocks).start()
 
 
 def stop_clocks(clock_id: int | None = None) -> list[Clock]:
@@ -198,13 +210,14 @@ def stop_clocks(clock_id: int | None = None) -> list[Clock]:
     KeyError
         For an id that is not a running clock.
     """
+    clocks_by_id = Runtime.current().clocks
     if clock_id is not None:
-        if clock_id not in CLOCKS:
-            running = ", ".join(map(str, CLOCKS)) or "none"
+        if clock_id not in clocks_by_id:
+            running = ", ".join(map(str, clocks_by_id)) or "none"
             raise KeyError(f"no running clock {clock_id} (running: {running})")
-        clocks = [CLOCKS[clock_id]]
+        clocks = [clocks_by_id[clock_id]]
     else:
-        clocks = list(CLOCKS.values())
+        clocks = list(clocks_by_id.values())
     for clock in clocks:
         clock.stop()
     return clocks
@@ -219,66 +232,108 @@ def every(
     shell: Any = None,
     namespace: dict[str, Any] | None = None,
     first_line: int = 1,
+    cell: str | None = None,
 ) -> Job:
     """Run cell ``source`` every ``interval`` seconds on the current (kernel) loop, as a Job.
 
     The first run happens as soon as the loop is free, then one every interval (start to start,
     missed runs skipped). Runs happen only while no cell is executing — or while a cell waits for
-    jobs (``%jobs wait``, ``await job`` on this job): a run that falls during a cell is skipped. The job ends after ``times`` runs (status ``done``, its value the last run's),
-    when cancelled, or at the first exception (status ``error``, traceback shown in the cell).
+    jobs (``%jobs wait``, ``await job`` on this job): a run that falls during a cell is skipped,
+    and a run suspended at an ``await`` when a cell starts is cancelled at that ``await`` (counted
+    in ``skipped``), so a foreground cell never edits the namespace under a half-done run. The job
+    ends after ``times`` runs (status ``done``, its value the last run's), when cancelled, or at
+    the first exception (status ``error``, traceback shown in the cell) — ``SystemExit`` and
+    ``KeyboardInterrupt`` included.
 
     Raises
     ------
     ValueError
         For a bad interval or ``times``.
     """
-    interval = check_seconds(interval, "an interval")
+    interval = check_interval(interval)
     if times is not None and times < 1:
         raise ValueError(f"times must be at least 1, got {times}")
+    runtime = Runtime.current()
     ns = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
-    cell = compile_cell(source, shell=shell, first_line=first_line)
-    job = JOBS.add(Job(source, "every", name))
+    compiled = compile_cell(source, shell=shell, first_line=first_line)
     out = CellOutput(shell)
-    loop = IOLoop.current()
-    loop_thread = threading.get_ident()
-    runs = itertools.count(1)
-    state: dict[str, Any] = {"busy": False, "value": None}
-
-    def finish(status: str, error: BaseException | None = None) -> None:
-        periodic.stop()
-        out.end_job(job, status, state["value"], error)
-
-    async def run_once() -> None:
-        __tracebackhide__ = True
-        if state["busy"] or job.done() or not CellActivity.quiet():
-            job.skipped += 1
-            return
-        state["busy"] = True
-        try:
-            value = cell.run(ns) if not cell.is_async else await cell.run_async(ns)
-        except Exception as exc:  # noqa: BLE001 - a failing run ends the schedule
-            finish("error", exc)
-            return
-        finally:
-            state["busy"] = False
-        state["value"] = value
-        out.show_value(value)
-        if times is not None and next(runs) >= times:
-            finish("done")
-
-    def tick() -> None:
-        # Each run in a copy of the starting cell's context, so its output goes there.
-        out.run(asyncio.ensure_future, run_once())
-
-    def cancel() -> None:
-        if threading.get_ident() == loop_thread:
-            finish("cancelled")  # on the loop already: no run is in progress now
-        else:
-            loop.add_callback(lambda: None if job.done() else finish("cancelled"))
-
-    periodic = PeriodicCallback(tick, interval * 1000)
-    job._mark_running(cancel)
-    out.start_job(job)
-    loop.add_callback(tick)
-    periodic.start()
+    job = runtime.jobs.add(Job(source, "every", name, out=out, cell=cell))
+    job.times = times  # type: ignore[attr-defined]
+    _Schedule(runtime, job, compiled, ns, out, interval, times).start()
     return job
+
+
+class _Schedule:
+    """The driver of one ``%%every`` job: a PeriodicCallback whose runs are tasks on the loop."""
+
+    def __init__(self, runtime: Runtime, job: Job, cell: Any, ns: dict[str, Any], out: CellOutput,
+                 interval: float, times: int | None) -> None:
+        self.runtime, self.job, self.cell, self.ns, self.out = runtime, job, cell, ns, out
+        self.times = times
+        self.loop = IOLoop.current()
+        self.loop_thread = threading.get_ident()
+        self.runs = 0
+        self.value: Any = None
+        self.run: asyncio.Future[Any] | None = None  # the run in progress, if any
+        self.skipped_run = False  # the run in progress was cut short by a foreground cell
+        self.periodic = PeriodicCallback(self.tick, interval * 1000)
+
+    def start(self) -> None:
+        aio: asyncio.AbstractEventLoop = self.loop.asyncio_loop  # type: ignore[attr-defined]
+        if not self.job.begin(self.interrupt, aio.call_later):
+            return
+        self.runtime.activity.on_start.add(self.cell_started)
+        self.loop.add_callback(self.tick)
+        self.periodic.start()
+
+    def interrupt(self) -> None:
+        """Stop the schedule, and cancel a run in progress at its await (thread-safe)."""
+        if threading.get_ident() == self.loop_thread:
+            self._interrupt_on_loop()  # on the loop already (%jobs cancel): no run is executing now
+        else:
+            self.loop.add_callback(self._interrupt_on_loop)
+
+    def _interrupt_on_loop(self) -> None:
+        self.periodic.stop()
+        if self.run is not None and not self.run.done():
+            self.run.cancel()
+        else:
+            self.end(self.job._stopping or "cancelled", None)
+
+    def cell_started(self) -> None:
+        """A foreground cell starts: a run suspended at an await must not go on under it."""
+        if self.run is not None and not self.run.done():
+            self.skipped_run = True
+            self.run.cancel(msg="a cell started while this %%every run was suspended")
+
+    def tick(self) -> None:
+        if self.job.done() or self.job._stopping is not None:
+            return
+        if (self.run is not None and not self.run.done()) or not self.runtime.activity.quiet():
+            self.job.skipped += 1
+            return
+        # Each run in a copy of the starting cell's context, so its output goes there.
+        self.skipped_run = False
+        self.run = self.out.run(asyncio.ensure_future, self.run_once())
+
+    async def run_once(self) -> None:
+        __tracebackhide__ = True
+        try:
+            value = self.cell.run(self.ns) if not self.cell.is_async else await self.cell.run_async(self.ns)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and friends end the job, not the loop
+            if isinstance(exc, asyncio.CancelledError) and self.job._stopping is None and self.skipped_run:
+                self.job.skipped += 1  # cut short by a foreground cell; the schedule goes on
+                return
+            status, error = self.job.outcome_of(exc)
+            self.end(status, error)
+            return
+        self.value = value
+        self.out.show_value(value)
+        self.runs += 1
+        if self.times is not None and self.runs >= self.times:
+            self.end("done", None)
+
+    def end(self, status: str, error: BaseException | None) -> None:
+        self.periodic.stop()
+        self.runtime.activity.on_start.discard(self.cell_started)
+        self.job.settle(status, self.value, error, show_value=False)

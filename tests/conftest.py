@@ -63,9 +63,13 @@ def refused(kernel: Kernel, code: str, message: str, usage: str) -> Cell:
 
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
-    """Fail if a test leaves threads or child processes behind in this process."""
+    """Fail if a test leaves threads or child processes behind in this process once the owner
+    of what the API started is closed (as unload and shutdown close it)."""
+    from concur_magics.runtime import Runtime
+
     threads = set(threading.enumerate())
     yield
+    Runtime.current().close()
     # A thread that is being joined may take a moment to leave the list; 5 s is far beyond that.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

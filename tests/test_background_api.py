@@ -10,7 +10,7 @@ import time
 import pytest
 
 from concur_magics import CellTimeout, Job, background
-from concur_magics.jobs import JOBS
+from concur_magics.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -133,7 +133,7 @@ def test_loop_mode_needs_a_loop() -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="mode must be one of thread, loop, dask, got 'fork'"):
         background(lambda: None, mode="fork")
-    with pytest.raises(ValueError, match="time limit must be positive"):
+    with pytest.raises(ValueError, match="time limit must be more than 0"):
         background(lambda: None, timeout=0)
     with pytest.raises(TypeError, match="takes cell source, a callable or an awaitable, not int"):
         background(42)  # type: ignore[arg-type]
@@ -142,13 +142,13 @@ def test_bad_arguments() -> None:
 def test_table_finds_by_id_and_name_and_clears_finished_jobs() -> None:
     job = background(lambda: 1, name="api-findable")
     job.result(timeout=WITHIN)
-    assert JOBS.find(str(job.id)) is job and JOBS.find(f"#{job.id}") is job
-    assert JOBS.find("api-findable") is job
+    assert Runtime.current().jobs.find(str(job.id)) is job and Runtime.current().jobs.find(f"#{job.id}") is job
+    assert Runtime.current().jobs.find("api-findable") is job
     with pytest.raises(KeyError, match="no job with id or name 'nobody'"):
-        JOBS.find("nobody")
-    assert JOBS.clear() >= 1
+        Runtime.current().jobs.find("nobody")
+    assert Runtime.current().jobs.clear() >= 1
     with pytest.raises(KeyError, match="api-findable"):
-        JOBS.find("api-findable")
+        Runtime.current().jobs.find("api-findable")
 
 
 def test_reprs() -> None:
@@ -156,12 +156,12 @@ def test_reprs() -> None:
     job.result(timeout=WITHIN)
     assert repr(job).startswith(f"<Job #{job.id} api-repr [thread] done ")
     assert "import time" in repr(job) and "<b>Job #" in job._repr_html_()
-    view = JOBS.view([job])
+    view = Runtime.current().jobs.view([job])
     assert repr(view).splitlines()[1].split()[:4] == [str(job.id), "api-repr", "thread", "done"]
 
 
 def test_the_newest_job_of_a_name_is_found() -> None:
     old = background(lambda: "old", name="api-twice")
     new = background(lambda: "new", name="api-twice")
-    assert JOBS.find("api-twice") is new
+    assert Runtime.current().jobs.find("api-twice") is new
     assert old.result(timeout=WITHIN) == "old" and new.result(timeout=WITHIN) == "new"

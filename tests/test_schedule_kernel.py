@@ -135,13 +135,13 @@ def test_every_is_cancelled_from_jobs(kernel: Kernel) -> None:
     kernel.pump(0.3)
     cell = run(kernel, "%jobs cancel ticking")
     assert "cancelled" in cell.text
-    assert value(kernel, "__import__('concur_magics').jobs.JOBS.find('ticking').status") == "'cancelled'"
+    assert value(kernel, "__import__('concur_magics').runtime.Runtime.current().jobs.find('ticking').status") == "'cancelled'"
 
 
 @pytest.mark.parametrize(
     ("code", "message"),
     [
-        ("%clock --interval 0", "must be positive"),
+        ("%clock --interval 0", "must be more than 0"),
         ("%clock --interval -1", "durations must be positive, got '-1'"),
         ("%clock --frobnicate", "unrecognized arguments: --frobnicate"),
         ("%clock --stop banana", "--stop takes a clock id"),
@@ -154,11 +154,11 @@ def test_every_is_cancelled_from_jobs(kernel: Kernel) -> None:
     ],
 )
 def test_bad_input_is_refused_and_nothing_is_scheduled(kernel: Kernel, code: str, message: str) -> None:
-    before = value(kernel, "len(__import__('concur_magics').schedule.CLOCKS), len(list(__import__('concur_magics').jobs.JOBS))")
+    before = value(kernel, "len(__import__('concur_magics').runtime.Runtime.current().clocks), len(list(__import__('concur_magics').runtime.Runtime.current().jobs))")
     refused(kernel, code, message, "%every [" if code.startswith("%%") else "%clock [")
     kernel.pump(0.3)
     assert value(kernel, "ran") == "False"
-    assert value(kernel, "len(__import__('concur_magics').schedule.CLOCKS), len(list(__import__('concur_magics').jobs.JOBS))") == before
+    assert value(kernel, "len(__import__('concur_magics').runtime.Runtime.current().clocks), len(list(__import__('concur_magics').runtime.Runtime.current().jobs))") == before
 
 
 def test_unload_stops_clocks_and_schedules(fresh_kernel: Kernel) -> None:

@@ -160,7 +160,7 @@ def test_awaiting_cell_in_process_mode(kernel: Kernel) -> None:
         ("%%timeout", "the following arguments are required: seconds"),
         ("%%timeout abc", "expected a positive number of seconds"),
         ("%%timeout -1", "durations must be positive, got '-1'"),
-        ("%%timeout 0", "must be positive"),
+        ("%%timeout 0", "must be more than 0"),
         ("%%timeout 1 --mode banana", "invalid choice: 'banana'"),
         ("%%timeout 1 --frobnicate", "unrecognized arguments: --frobnicate"),
     ],
@@ -246,7 +246,11 @@ def test_signal_timeouts_leave_no_thread(fresh_kernel: Kernel) -> None:
     before = int(value(fresh_kernel, "import threading\nthreading.active_count()"))
     for _ in range(10):
         run(fresh_kernel, "%%timeout 0.05\nwhile True: pass")
-    assert int(value(fresh_kernel, "threading.active_count()")) == before
+    # One thread serves every deadline while any is pending, and leaves a second after the last.
+    assert int(value(fresh_kernel, "threading.active_count()")) <= before + 1
+    fresh_kernel.wait_until(
+        lambda: int(value(fresh_kernel, "threading.active_count()")) == before, 10, "the deadline thread to leave"
+    )
 
 
 def test_unload_removes_the_magic_and_reload_works(fresh_kernel: Kernel) -> None:
