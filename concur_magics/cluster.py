@@ -347,6 +347,7 @@ def background_dask(
     namespace: dict[str, Any] | None = None,
     first_line: int = 1,
     cell: str | None = None,
+    run: str | None = None,
 ) -> Job:
     """Run cell ``source`` on a Dask worker as a background Job of ``runtime``.
 
@@ -358,7 +359,7 @@ def background_dask(
     shipment = prepare(compiled, ns, shell)
     cluster.client()  # connect (or start the local cluster) now, so errors show in this cell
     out = CellOutput(shell)
-    job = runtime.jobs.add(Job(source, "dask", name, out=out, limit=timeout, cell=cell))
+    job = runtime.jobs.add(Job(source, "dask", name, out=out, limit=timeout, cell=cell, run=run))
     cluster.route(shipment.token, out)
     stopping = threading.Lock()
 

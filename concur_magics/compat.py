@@ -13,19 +13,37 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["async_raise", "cell_id", "handled_exception", "loop_thread_id"]
+__all__ = ["absorb", "async_raise", "execution", "handled_exception", "loop_thread_id"]
 
 
-def async_raise(thread_id: int, exc_type: type[BaseException] | None) -> bool:
-    """Raise ``exc_type()`` in another thread at its next bytecode; ``None`` clears a pending one.
+def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
+    """Raise ``exc_type()`` in another thread at its next bytecode.
 
     CPython's ``PyThreadState_SetAsyncExc`` (a documented C API, reached through ``ctypes``; checked
     on 3.10-3.13). The exception is delivered when the thread next runs Python code: a thread
     blocked in C (``time.sleep``, a lock, a socket read) gets it when that call returns. Returns
     False when no thread has that id (it has ended).
+
+    Never "clear" a pending exception by passing NULL: CPython 3.11 then leaves its eval breaker
+    signalled for every thread (each one re-checks pending work at every backward jump, and
+    threads crawl). A raise that must not reach later code is absorbed instead (:func:`absorb`).
     """
-    exc: Any = ctypes.py_object(exc_type) if exc_type is not None else None
-    return bool(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc))
+    return bool(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)))
+
+
+def absorb(exc_type: type[BaseException]) -> bool:
+    """Take delivery of an ``exc_type`` raised in this thread by :func:`async_raise` but not yet
+    delivered, so it cannot surface in the code that runs next. Returns whether one came.
+
+    Asynchronous exceptions are delivered at the interpreter's periodic checks, which a loop's
+    backward jumps reach at once; a few thousand iterations are far more than enough.
+    """
+    try:
+        for _ in range(10_000):
+            pass
+    except exc_type:
+        return True
+    return False
 
 
 def handled_exception(thread_id: int) -> BaseException | None:
@@ -53,22 +71,26 @@ def loop_thread_id(loop: asyncio.AbstractEventLoop) -> int | None:
     return getattr(loop, "_thread_id", None)
 
 
-def cell_id(shell: Any) -> str | None:
-    """The frontend's id of the cell being executed (``metadata.cellId`` of the execute request).
+def execution(shell: Any) -> tuple[str | None, str | None]:
+    """``(cell id, request id)`` of the execute request running now, as far as they are known.
 
-    JupyterLab 3+, Notebook 7 and nbclient send it. Read through ipykernel's public
-    ``Kernel.get_parent()`` (ipykernel 6+, per-context since 7). Outside a kernel: None.
+    The cell id is the frontend's ``metadata.cellId`` (JupyterLab 3+, Notebook 7 and nbclient send
+    it); the request id is the parent header's ``msg_id``, different at every run. Read through
+    ipykernel's public ``Kernel.get_parent()`` (ipykernel 6+, per-context since 7). Outside a
+    kernel: ``(None, None)``.
     """
     kernel = getattr(shell, "kernel", None)
     get_parent = getattr(kernel, "get_parent", None)
     if get_parent is None:
-        return None
+        return None, None
     try:
         parent = get_parent("shell")
     except TypeError:  # pragma: no cover - ipykernel 6 takes no channel
         parent = get_parent()
-    value = (parent or {}).get("metadata", {}).get("cellId")
-    return str(value) if value else None
+    parent = parent or {}
+    cell = parent.get("metadata", {}).get("cellId")
+    request = parent.get("header", {}).get("msg_id")
+    return (str(cell) if cell else None), (str(request) if request else None)
 
 
 def main_thread_id() -> int:

@@ -15,8 +15,8 @@ it starts on the first deadline and leaves after a second with nothing to do.
 
 Race-freedom: a scope is ``active`` only between the end of its ``__enter__`` and the start of its
 ``__exit__``. The engine interrupts a thread only while holding the scope's lock and only while the
-scope is active; ``__exit__`` takes the same lock, deactivates the scope and clears a raise that was
-requested but not yet delivered. A signal that arrives late finds no active scope and does nothing.
+scope is active; ``__exit__`` takes the same lock, deactivates the scope, and takes delivery of a
+raise that was requested but had not yet arrived, so it cannot surface in the code that follows. A signal that arrives late finds no active scope and does nothing.
 Expiry is a state the scope checks on the way out: work that ran past its deadline without being
 stopped (C code holding the GIL, or code that caught the exception) fails there with
 ``CellTimeout`` too, so it never returns its value silently.
@@ -282,6 +282,7 @@ class Scope:
         self.active = False
         self.expired = False
         self.raised = 0
+        self.delivered = 0  # raises that reached the thread (counted by the exception itself)
         self.step = "raised"
         self.deadline = 0.0
         self.thread_id = 0
@@ -318,8 +319,8 @@ class Scope:
         late = time.monotonic() - self.deadline
         with self.lock:
             self.active = False
-            if self.task is None:
-                compat.async_raise(self.thread_id, None)  # a raise requested but not yet delivered
+        if self.raised > self.delivered:
+            compat.absorb(self.engine.timeout_type)  # requested before we left; must not outlive us
         for entry in self._entries:
             self.engine.cancel(entry)
         if self._handle is not None:
@@ -394,8 +395,10 @@ class _ThreadTimeout(CellTimeout):
             super().__init__(*args)
             return
         stack = self.engine.stacks.get(threading.get_ident(), []) if self.engine is not None else []
-        limit = next((scope.limit for scope in stack if scope.expired), 0.0)
-        super().__init__(limit, "signal", "raised")
+        scope = next((scope for scope in stack if scope.raised > scope.delivered), None)
+        if scope is not None:
+            scope.delivered += 1
+        super().__init__(scope.limit if scope is not None else 0.0, "signal", "raised")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (CellTimeout, (self.limit, self.mode, self.step, self.detail))

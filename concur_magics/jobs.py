@@ -126,8 +126,10 @@ class Job:
         out: CellOutput | None = None,
         limit: float | None = None,
         cell: str | None = None,
+        run: str | None = None,
     ) -> None:
         self.id = next(self._ids)
+        self.run = run
         self.name = name
         self.mode = mode
         self.source = source
@@ -499,9 +501,11 @@ class JobTable:
     def running(self) -> list[Job]:
         return [job for job in self if not job.done()]
 
-    def of_cell(self, cell: str | None) -> list[Job]:
-        """Jobs still running that were started by an earlier run of ``cell``."""
-        return [job for job in self.running() if cell is not None and job.cell == cell]
+    def of_cell(self, cell: str | None, run: str | None = None) -> list[Job]:
+        """Jobs still running that an earlier run (not ``run``) of ``cell`` started."""
+        if cell is None:
+            return []
+        return [job for job in self.running() if job.cell == cell and (run is None or job.run != run)]
 
     def find(self, key: str) -> Job:
         """The job with this id (``3`` or ``#3``) or name (the newest job of that name).

@@ -257,12 +257,12 @@ class ConcurMagics(Magics):
         if args.dask and args.mode not in (None, "dask"):
             raise UsageError(f"--dask and --mode {args.mode} contradict each other\n{usage}")
         self._sync_cluster()
-        key = self._cell_key(line, cell)
-        earlier = self.runtime.jobs.of_cell(key)
+        key, run = self._cell_key(line, cell)
+        earlier = self.runtime.jobs.of_cell(key, run)
         try:
             job = runners.background(
                 cell, name=args.name, mode="dask" if args.dask else args.mode, timeout=args.timeout,
-                shell=self.shell, first_line=2, cell=key,
+                shell=self.shell, first_line=2, cell=key, run=run,
             )
         except ConnectionError as exc:
             raise UsageError(str(exc)) from None
@@ -274,9 +274,11 @@ class ConcurMagics(Magics):
         if args.out is not None:
             self._namespace[args.out] = job
 
-    def _cell_key(self, line: str, cell: str) -> str:
-        """What identifies "this cell" across reruns: the frontend's cell id, else its text."""
-        return compat.cell_id(self.shell) or f"text:{hash((line, cell))}"
+    def _cell_key(self, line: str, cell: str) -> tuple[str, str | None]:
+        """``(cell, run)``: what identifies this cell across reruns (the frontend's cell id, else
+        its text), and this run of it (the request's id)."""
+        cell_id, request = compat.execution(self.shell)
+        return cell_id or f"text:{hash((line, cell))}", request
 
     @magic_arguments()
     @argument(
@@ -497,10 +499,10 @@ class ConcurMagics(Magics):
             raise UsageError(f"--times must be at least 1, got {args.times}\n{usage}")
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"-o needs a variable name, got {args.out!r}\n{usage}")
-        key = self._cell_key(line, cell)
+        key, run = self._cell_key(line, cell)
         replaced = [
             job for job in self.runtime.jobs.running()
-            if job.mode == "every" and (job.cell == key or (args.name and job.name == args.name))
+            if job.mode == "every" and job.run != run and (job.cell == key or (args.name and job.name == args.name))
         ]
         for old in replaced:
             # A rerun of a schedule means "this schedule, changed": the old one must not run on.
@@ -508,7 +510,7 @@ class ConcurMagics(Magics):
             print(f"replaced schedule {old.label}: cancelled")
         job = schedule.every(
             cell, args.interval, times=args.times, name=args.name, shell=self.shell,
-            namespace=self._namespace, first_line=2, cell=key,
+            namespace=self._namespace, first_line=2, cell=key, run=run,
         )
         if args.out is not None:
             self._namespace[args.out] = job

@@ -46,6 +46,7 @@ def background(
     first_line: int = 1,
     show: bool = True,
     cell: str | None = None,
+    run: str | None = None,
 ) -> Job:
     """Start ``work`` alongside the caller and return its :class:`Job` at once.
 
@@ -72,8 +73,9 @@ def background(
     show:
         Show the job's status line, final value and traceback in the starting cell. With False
         only what the job prints appears there; the outcome is kept in the Job.
-    cell:
-        An identity of the starting cell (the frontend's cell id), to find jobs of earlier runs.
+    cell, run:
+        Which cell started the job (the frontend's cell id) and which run of it (the request id),
+        to find the jobs of earlier runs of a cell.
 
     Raises
     ------
@@ -95,12 +97,12 @@ def background(
             raise TypeError("dask mode runs cell source; submit callables with the Dask client")
         return background_dask(
             runtime, work, name=name, timeout=timeout, shell=shell, namespace=namespace,
-            first_line=first_line, cell=cell,
+            first_line=first_line, cell=cell, run=run,
         )
     call, is_async, source = _as_callable(work, shell, namespace, first_line)
     mode = mode or ("loop" if is_async else "thread")
     out = CellOutput(shell if show else None)
-    job = runtime.jobs.add(Job(source, mode, name, out=out, limit=timeout, cell=cell))
+    job = runtime.jobs.add(Job(source, mode, name, out=out, limit=timeout, cell=cell, run=run))
     if mode == "thread":
         _start_thread(runtime, job, call, is_async, out)
     else:
@@ -140,22 +142,38 @@ class _ThreadTarget:
         self.ident = threading.get_ident()
         self._lock = threading.Lock()
         self._open = True
+        self.raised = 0
+        self.delivered = 0
+        self._type: type[JobStopped] | None = None
 
     def interrupt(self) -> None:
         with self._lock:
-            if self._open and not isinstance(compat.handled_exception(self.ident), JobStopped):
-                compat.async_raise(self.ident, JobStopped)
+            if not self._open or isinstance(compat.handled_exception(self.ident), JobStopped):
+                return  # ended, or cleaning up after a stop: let the cleanup run
+            if self._type is None:  # a class of its own, so a raise can be matched to its target
+                self._type = type("JobStopped", (_TargetStopped,), {"target": self})
+            self.raised += 1
+            compat.async_raise(self.ident, self._type)
 
     def close(self) -> None:
-        """No more interrupts; a requested one not yet delivered is dropped. Call in the thread."""
+        """No more interrupts; one requested but not yet delivered is taken here. Call in the thread."""
         while True:
             try:
                 with self._lock:
                     self._open = False
-                    compat.async_raise(self.ident, None)
+                if self._type is not None and self.raised > self.delivered:
+                    compat.absorb(self._type)
                 return
             except JobStopped:
                 continue  # one landed just before the lock was taken: it is the work's no more
+
+
+class _TargetStopped(JobStopped):
+    target: _ThreadTarget
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.target.delivered += 1
 
 
 def _start_thread(runtime: Runtime, job: Job, call: Callable[[], Any], is_async: bool, out: CellOutput) -> None:

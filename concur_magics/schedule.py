@@ -233,6 +233,7 @@ def every(
     namespace: dict[str, Any] | None = None,
     first_line: int = 1,
     cell: str | None = None,
+    run: str | None = None,
 ) -> Job:
     """Run cell ``source`` every ``interval`` seconds on the current (kernel) loop, as a Job.
 
@@ -257,7 +258,7 @@ def every(
     ns = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
     compiled = compile_cell(source, shell=shell, first_line=first_line)
     out = CellOutput(shell)
-    job = runtime.jobs.add(Job(source, "every", name, out=out, cell=cell))
+    job = runtime.jobs.add(Job(source, "every", name, out=out, cell=cell, run=run))
     job.times = times  # type: ignore[attr-defined]
     _Schedule(runtime, job, compiled, ns, out, interval, times).start()
     return job
