@@ -46,7 +46,12 @@ def seconds(text: str) -> float:
 
     shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
     try:
-        value = parse_timedelta(text, default="seconds")
+        value = float(text)  # plain numbers first: "1e400" is a number too large, not a typo
+    except ValueError:
+        value = None
+    try:
+        if value is None:
+            value = parse_timedelta(text, default="seconds")
     except (KeyError, ValueError, TypeError, OverflowError):
         raise argparse.ArgumentTypeError(
             f"expected a positive number of seconds (or a duration like 500ms), got {shown!r}"

@@ -36,16 +36,19 @@ class WorkerPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the job threads have been closed (the extension was unloaded)")
+            # Through the queue even for a new thread: a Thread keeps its args until it ends,
+            # which would keep the first job's result alive as long as the thread idles.
+            self._queue.put(fn)
             if self._idle > 0:
                 self._idle -= 1
-                self._queue.put(fn)
                 return
-            thread = threading.Thread(target=self._work, args=(fn,), name="concur-job", daemon=True)
+            thread = threading.Thread(target=self._work, name="concur-job", daemon=True)
             self._threads.add(thread)
         thread.start()
 
-    def _work(self, fn: Callable[[], None] | None) -> None:
+    def _work(self) -> None:
         me = threading.current_thread()
+        fn = self._queue.get()
         while fn is not None:
             me.name = "concur-job"
             try:
@@ -53,6 +56,7 @@ class WorkerPool:
             except BaseException as exc:  # noqa: BLE001 - fn reports its own failures; never die silently
                 print(f"concur_magics: a job thread failed: {exc!r}", file=sys.stderr)
             me.name = "concur-job-idle"
+            fn = None  # an idle thread keeps nothing of its last job alive
             with self._lock:
                 if self._closed or self._idle >= self.idle_kept:
                     self._threads.discard(me)
