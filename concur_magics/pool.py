@@ -21,26 +21,30 @@ IDLE_LINGER = 5.0
 
 
 class WorkerPool:
-    """Named worker threads for thread jobs. :meth:`submit` and :meth:`close` are thread-safe."""
+    """Named worker threads for thread jobs. :meth:`submit` and :meth:`close` are thread-safe.
+
+    Bookkeeping, under one lock: ``_queued`` jobs not yet taken, ``_waiting`` threads blocked on the
+    queue. A job gets a new thread unless enough threads are waiting for it, so no job ever waits
+    behind another job.
+    """
 
     def __init__(self, idle_kept: int = IDLE_KEPT) -> None:
         self.idle_kept = idle_kept
         self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._idle = 0
+        self._queued = 0
+        self._waiting = 0
         self._threads: set[threading.Thread] = set()
         self._closed = False
 
     def submit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn()`` on an idle worker, or on a new one."""
+        """Run ``fn()`` on a waiting worker, or on a new one."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the job threads have been closed (the extension was unloaded)")
-            # Through the queue even for a new thread: a Thread keeps its args until it ends,
-            # which would keep the first job's result alive as long as the thread idles.
             self._queue.put(fn)
-            if self._idle > 0:
-                self._idle -= 1
+            self._queued += 1
+            if self._waiting >= self._queued:
                 return
             thread = threading.Thread(target=self._work, name="concur-job", daemon=True)
             self._threads.add(thread)
@@ -48,35 +52,40 @@ class WorkerPool:
 
     def _work(self) -> None:
         me = threading.current_thread()
-        fn = self._queue.get()
-        while fn is not None:
+        while True:
+            fn = self._next()
+            if fn is None:
+                with self._lock:
+                    self._threads.discard(me)
+                return
             me.name = "concur-job"
             try:
                 fn()
             except BaseException as exc:  # noqa: BLE001 - fn reports its own failures; never die silently
                 print(f"concur_magics: a job thread failed: {exc!r}", file=sys.stderr)
+            # Nothing of the last job stays alive in an idle thread.
+            fn = None  # noqa: F841
             me.name = "concur-job-idle"
-            fn = None  # an idle thread keeps nothing of its last job alive
             with self._lock:
-                if self._closed or self._idle >= self.idle_kept:
+                if self._closed or self._waiting >= self.idle_kept:
                     self._threads.discard(me)
                     return
-                self._idle += 1
-            fn = self._next(me)
 
-    def _next(self, me: threading.Thread) -> Callable[[], None] | None:
-        """The next job for an idle worker, or None when it should leave."""
-        try:
-            return self._queue.get(timeout=IDLE_LINGER)
-        except queue.Empty:
-            pass
+    def _next(self) -> Callable[[], None] | None:
+        """The next job, or None when this thread should leave (idle too long, or closing)."""
         with self._lock:
-            # Under the lock, so a job handed to "an idle thread" meanwhile is not left behind.
-            if not self._queue.empty():
-                return self._queue.get_nowait()
-            self._idle -= 1
-            self._threads.discard(me)
-            return None
+            self._waiting += 1
+        try:
+            fn = self._queue.get(timeout=IDLE_LINGER)
+        except queue.Empty:
+            fn = None
+        with self._lock:
+            self._waiting -= 1
+            if fn is None and not self._closed and not self._queue.empty():
+                fn = self._queue.get_nowait()  # handed out while we gave up: take it, don't strand it
+            if fn is not None:
+                self._queued -= 1
+            return fn
 
     @property
     def threads(self) -> int:
@@ -88,9 +97,8 @@ class WorkerPool:
         """Let idle workers leave and wait up to ``timeout`` s for busy ones; return those still alive."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, 0
             threads = list(self._threads)
-        for _ in range(idle):
+        for _ in threads:
             self._queue.put(None)
         for thread in threads:
             thread.join(timeout / max(1, len(threads)))

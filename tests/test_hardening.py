@@ -65,7 +65,10 @@ len(jobs)
     run(kernel, "%dask close\n%jobs clear\nimport gc; gc.collect()", timeout=60)
     # Every thread we start is named concur-*; distributed keeps process-wide helper threads of its
     # own once used (Dask-Offload, Dask-Callback-Thread), which are not ours to stop.
-    kernel.wait_until(lambda: value(kernel, ours_left) == "[]", 30, "our threads to end")
+    try:
+        kernel.wait_until(lambda: value(kernel, ours_left) == "[]", 30, "our threads to end")
+    except TimeoutError:
+        pytest.fail(f"threads left: {value(kernel, ours_left)}")
     print("soak: threads now", value(kernel, "[t.name for t in threading.enumerate()]").replace("\n", ""))
     workers = [p for p in kernel.children() if "resource_tracker" not in " ".join(p.cmdline())]
     assert workers == []
