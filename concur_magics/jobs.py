@@ -20,6 +20,7 @@ then says its code is still running).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import html
 import itertools
@@ -473,7 +474,9 @@ class JobTable:
     """
 
     def __init__(self, keep: int = 100, activity: CellActivity | None = None) -> None:
-        self._jobs: dict[int, Job] = {}
+        self._jobs: dict[int, Job] = {}  # every job kept, in start order
+        self._running: dict[int, Job] = {}
+        self._ended: collections.deque[int] = collections.deque()  # ids of ended jobs kept, oldest first
         self._lock = threading.Lock()
         self.keep = keep
         self.activity = activity
@@ -481,15 +484,18 @@ class JobTable:
     def add(self, job: Job) -> Job:
         with self._lock:
             self._jobs[job.id] = job
-        job._on_end = self._ended
+            self._running[job.id] = job
+        job._on_end = self._on_end
         job._activity = self.activity
         return job
 
-    def _ended(self, job: Job) -> None:
+    def _on_end(self, job: Job) -> None:
         with self._lock:
-            ended = [i for i, j in self._jobs.items() if j.done()]
-            for i in ended[: max(0, len(ended) - self.keep)]:
-                del self._jobs[i]
+            if self._running.pop(job.id, None) is None:
+                return
+            self._ended.append(job.id)
+            while len(self._ended) > self.keep:
+                self._jobs.pop(self._ended.popleft(), None)
 
     def __iter__(self) -> Iterator[Job]:
         with self._lock:
@@ -499,7 +505,8 @@ class JobTable:
         return len(self._jobs)
 
     def running(self) -> list[Job]:
-        return [job for job in self if not job.done()]
+        with self._lock:
+            return list(self._running.values())
 
     def of_cell(self, cell: str | None, run: str | None = None) -> list[Job]:
         """Jobs still running that an earlier run (not ``run``) of ``cell`` started."""
@@ -529,10 +536,11 @@ class JobTable:
     def clear(self) -> int:
         """Forget jobs that have ended; return how many."""
         with self._lock:
-            ended = [i for i, job in self._jobs.items() if job.done()]
-            for i in ended:
-                del self._jobs[i]
-        return len(ended)
+            ended = len(self._ended)
+            for i in self._ended:
+                self._jobs.pop(i, None)
+            self._ended.clear()
+        return ended
 
     def cancel_all(self, join: float = 2.0) -> list[Job]:
         """Cancel every job still pending or running; wait up to ``join`` s for them; return

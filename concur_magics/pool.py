@@ -25,7 +25,9 @@ class WorkerPool:
 
     Bookkeeping, under one lock: ``_queued`` jobs not yet taken, ``_waiting`` threads blocked on the
     queue. A job gets a new thread unless enough threads are waiting for it, so no job ever waits
-    behind another job.
+    behind another job. New threads are started by a starter thread (``concur-job-starter``, which
+    also leaves when idle): ``Thread.start()`` waits until the new thread runs, which on a busy
+    interpreter can take milliseconds, and the cell that launches a job should not wait for that.
     """
 
     def __init__(self, idle_kept: int = IDLE_KEPT) -> None:
@@ -36,6 +38,10 @@ class WorkerPool:
         self._waiting = 0
         self._threads: set[threading.Thread] = set()
         self._closed = False
+        self._wanted = 0  # threads the starter was asked for
+        self._starting = 0  # threads started that have not yet reached the queue
+        self._starter: threading.Thread | None = None
+        self._more = threading.Event()
 
     def submit(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` on a waiting worker, or on a new one."""
@@ -44,16 +50,51 @@ class WorkerPool:
                 raise RuntimeError("the job threads have been closed (the extension was unloaded)")
             self._queue.put(fn)
             self._queued += 1
-            if self._waiting >= self._queued:
+            if self._waiting + self._starting + self._wanted >= self._queued:
                 return
-            thread = threading.Thread(target=self._work, name="concur-job", daemon=True)
-            self._threads.add(thread)
-        thread.start()
+            self._wanted += 1
+            starter = self._starter
+            if starter is None:
+                starter = self._starter = threading.Thread(
+                    target=self._start_threads, name="concur-job-starter", daemon=True
+                )
+                self._threads.add(starter)
+        if starter.ident is None:
+            starter.start()  # only the first job after a quiet spell waits for a thread to start
+        else:
+            self._more.set()
+
+    def _start_threads(self) -> None:
+        me = threading.current_thread()
+        while True:
+            # One at a time, looking again after each: starting one takes a while, and threads
+            # that finished their jobs meanwhile may have taken the rest.
+            with self._lock:
+                need = 0 if self._closed else max(0, self._queued - self._waiting - self._starting)
+                if need:
+                    self._starting += 1
+                    thread = threading.Thread(target=self._work, name="concur-job", daemon=True)
+                    self._threads.add(thread)
+                else:
+                    self._wanted = 0
+            if need:
+                thread.start()
+                continue
+            if self._more.wait(IDLE_LINGER):
+                self._more.clear()
+                continue
+            with self._lock:
+                if self._wanted == 0 or self._closed:
+                    self._starter = None
+                    self._threads.discard(me)
+                    return
 
     def _work(self) -> None:
         me = threading.current_thread()
+        first = True
         while True:
-            fn = self._next()
+            fn = self._next(first)
+            first = False
             if fn is None:
                 with self._lock:
                     self._threads.discard(me)
@@ -71,10 +112,11 @@ class WorkerPool:
                     self._threads.discard(me)
                     return
 
-    def _next(self) -> Callable[[], None] | None:
+    def _next(self, first: bool = False) -> Callable[[], None] | None:
         """The next job, or None when this thread should leave (idle too long, or closing)."""
         with self._lock:
             self._waiting += 1
+            self._starting -= first
         try:
             fn = self._queue.get(timeout=IDLE_LINGER)
         except queue.Empty:
@@ -98,6 +140,7 @@ class WorkerPool:
         with self._lock:
             self._closed = True
             threads = list(self._threads)
+        self._more.set()
         for _ in threads:
             self._queue.put(None)
         for thread in threads:

@@ -50,11 +50,11 @@ def test_loop_job_with_100000_sleeping_tasks_uses_no_thread(kernel: Kernel) -> N
         kernel,
         "%%background -o many\nimport asyncio, threading\nseen = threading.active_count()\n"
         "await asyncio.gather(*(asyncio.sleep(1) for _ in range(100_000)))\n"
-        "threading.active_count() - seen",
+        "max(0, threading.active_count() - seen)",
     )
     run(kernel, "%jobs wait many", timeout=120)
     assert value(kernel, "many.mode, many.status") == "('loop', 'done')"
-    # No thread was started while 100,000 tasks slept, and none is left.
+    # No thread was started while 100,000 tasks slept (idle job threads may leave meanwhile).
     assert value(kernel, "many.result()") == "0"
     assert thread_count(kernel) == before
     # One second of sleeping, however many sleepers (generous: creating the tasks takes time too).
@@ -68,7 +68,7 @@ def test_a_thousand_loop_jobs_at_once(kernel: Kernel) -> None:
         kernel,
         "%%background -o fleet\nimport asyncio, concur_magics, threading\nseen = threading.active_count()\n"
         "jobs = [concur_magics.background(asyncio.sleep(1, i), mode='loop', show=False) for i in range(1000)]\n"
-        "values = [await job for job in jobs]\n(sum(values), threading.active_count() - seen)",
+        "values = [await job for job in jobs]\n(sum(values), max(0, threading.active_count() - seen))",
     )
     run(kernel, "%jobs wait fleet", timeout=120)
     assert value(kernel, "fleet.result()") == "(499500, 0)"
