@@ -18,8 +18,10 @@ def settle(kernel: Kernel, cell: Cell, text: str, timeout: float = 30) -> None:
 
 
 def thread_count(kernel: Kernel) -> int:
-    # Idle job threads wait a few seconds for the next job (see concur_magics.pool); not counted.
-    return int(value(kernel, "import threading\nsum(t.name != 'concur-job-idle' for t in threading.enumerate())"))
+    # Idle job threads and the thread that starts them wait a few seconds for the next job (see
+    # concur_magics.pool); they are not counted.
+    return int(value(kernel, "import threading\n"
+                             "sum(t.name not in ('concur-job-idle', 'concur-job-starter') for t in threading.enumerate())"))
 
 
 def test_thread_job_returns_at_once_and_its_output_stays_in_its_cell(kernel: Kernel) -> None:
