@@ -30,6 +30,7 @@ class Extension:
         self.shell = shell
         self.magics = ConcurMagics(shell=shell)
         self.transformer = await_loop_magics(shell)
+        self.children = process.Children()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -86,7 +87,7 @@ class Extension:
             names = ", ".join(job.label for job in stuck)
             print(f"concur_magics: jobs still running after cancel (stuck in C code?): {names}")
         runners.kernel_loop = None
-        process.kill_all()
+        self.children.kill_all()
         cluster.CLUSTER.close()
         if threading.current_thread() is threading.main_thread():
             uninstall_handler()

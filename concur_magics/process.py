@@ -19,6 +19,7 @@ import io
 import os
 import pickle
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .child import child_main
 from .output import with_rendered_traceback, write_stream
 from .timeout import CellTimeout
 
-__all__ = ["ChildDied", "ChildResult", "NamesNotCopiedWarning", "kill_all", "run_in_child"]
+__all__ = ["ChildDied", "ChildResult", "Children", "NamesNotCopiedWarning", "run_in_child"]
 
 
 class NamesNotCopiedWarning(UserWarning):
@@ -57,14 +58,69 @@ class ChildResult:
     not_copied: dict[str, str] = field(default_factory=dict)
 
 
-# pids of children that are running now; a shutdown kills whatever is left (see kill_all).
-_live: set[int] = set()
+class Children:
+    """The process-mode children running now, so that they can all be stopped at once.
 
+    Owned by the extension's one owner object, whose ``close()`` (unload, kernel shutdown) calls
+    :meth:`kill_all`. Each pid is a process-group leader: killing it kills the group. All methods
+    are thread-safe; :meth:`kill` and :meth:`kill_all` block until the children are reaped.
+    """
 
-def kill_all() -> None:
-    """Kill every running child's process group and reap it (unload and kernel shutdown)."""
-    for pid in list(_live):
-        _kill_and_reap(pid)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pids: set[int] = set()
+
+    def add(self, pid: int) -> None:
+        """Register a running child (a process-group leader)."""
+        with self._lock:
+            self._pids.add(pid)
+
+    def discard(self, pid: int) -> None:
+        """Forget a child without killing it (it has been reaped elsewhere)."""
+        with self._lock:
+            self._pids.discard(pid)
+
+    def pids(self) -> list[int]:
+        """The registered pids, in no particular order."""
+        with self._lock:
+            return list(self._pids)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pids)
+
+    def kill(self, pid: int) -> str | None:
+        """SIGKILL ``pid``'s process group, reap ``pid`` and forget it.
+
+        Returns
+        -------
+        str or None
+            How the child ended (``"exit code 0"``, ``"killed by SIGKILL"``), or None if it was not
+            registered (already reaped, for example by :meth:`kill_all` from another thread).
+        """
+        # Under the lock, so a pid is reaped exactly once and never signalled after it was reaped
+        # (when its number may already belong to another process).
+        with self._lock:
+            if pid not in self._pids:
+                return None
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                status = 0
+            finally:
+                self._pids.discard(pid)
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exit code {os.WEXITSTATUS(status)}"
+
+    def kill_all(self) -> None:
+        """Kill every registered child's process group and reap the child."""
+        for pid in self.pids():
+            self.kill(pid)
 
 
 def run_in_child(
@@ -74,6 +130,7 @@ def run_in_child(
     *,
     copy_back: bool = False,
     shell: Any = None,
+    children: Children | None = None,
 ) -> ChildResult:
     """Run ``work(namespace)`` in a forked child, killing it at ``limit`` seconds.
 
@@ -89,6 +146,9 @@ def run_in_child(
         Bring new, rebound and deleted names back into ``namespace``.
     shell:
         The IPython shell whose display publisher should show the child's ``display()`` calls.
+    children:
+        Where the child is registered while it runs, so that its owner can kill it
+        (:meth:`Children.kill_all`). Without it the child is known only to this call.
 
     Raises
     ------
@@ -104,13 +164,14 @@ def run_in_child(
     __tracebackhide__ = True
     if not hasattr(os, "fork"):
         raise RuntimeError("process mode needs os.fork, which this platform does not have")
+    children = children if children is not None else Children()
     read_fd, write_fd = os.pipe()
     deadline = time.monotonic() + limit
     pid = _fork()
     if pid == 0:  # pragma: no cover - runs in the child, which never returns
         os.close(read_fd)
         child_main(work, namespace, Connection(write_fd, readable=False), shell, copy_back)
-    _live.add(pid)
+    children.add(pid)
     os.close(write_fd)
     conn = Connection(read_fd, writable=False)
     try:
@@ -119,10 +180,10 @@ def run_in_child(
     except OSError:
         pass  # the child already did it, or already exited
     try:
-        return _relay(conn, pid, deadline, limit, namespace, shell)
+        return _relay(conn, pid, children, deadline, limit, namespace, shell)
     finally:
         conn.close()
-        _kill_and_reap(pid)
+        children.kill(pid)
 
 
 def _fork() -> int:
@@ -145,6 +206,7 @@ def _fork() -> int:
 def _relay(
     conn: Connection,
     pid: int,
+    children: Children,
     deadline: float,
     limit: float,
     namespace: dict[str, Any],
@@ -158,14 +220,14 @@ def _relay(
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not conn.poll(remaining):
             if time.monotonic() >= deadline:
-                _kill_and_reap(pid)
+                children.kill(pid)
                 _drain(conn, shell)
                 raise CellTimeout(limit, "process", "killed", f"(pid {pid})")
             continue
         try:
             kind, *payload = pickle.loads(conn.recv_bytes())
         except EOFError:
-            status = _kill_and_reap(pid)
+            status = children.kill(pid) or "stopped by its owner"
             raise ChildDied(f"the cell's process (pid {pid}) ended without a result: {status}") from None
         if kind == "stream":
             write_stream(*payload)
@@ -234,25 +296,6 @@ def _rebuild_error(
         # The child's frames, for code that inspects the traceback; IPython shows `rendered`.
         exc = exc.with_traceback(Traceback.from_dict(tb).as_traceback())
     return with_rendered_traceback(exc, rendered)
-
-
-def _kill_and_reap(pid: int) -> str:
-    """SIGKILL the child's process group, reap the child and say how it ended. Idempotent."""
-    if pid not in _live:
-        return "already reaped"
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        status = 0
-    finally:
-        _live.discard(pid)
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 class _NamespaceUnpickler(pickle.Unpickler):
