@@ -3,9 +3,9 @@
 The child is a copy-on-write fork of the caller, so it sees the whole namespace as it is without
 pickling anything going in. It leads its own process group, so one ``killpg(SIGKILL)`` at the
 deadline stops it and everything it started, even in C code holding the GIL; the parent then reaps
-it. While it runs, its ``print`` output, ``display()`` calls and ``clear_output()`` come to the parent
-over a pipe and are replayed there, so they show live in the cell that started the work. The
-child's side of this is :mod:`concur_magics.child`.
+it. While it runs, its ``print`` output (in batches), ``display()`` calls and ``clear_output()``
+come to the parent over a pipe and are replayed there, so they show live in the cell that started
+the work. The child's side of this is :mod:`concur_magics.child`.
 
 When it ends, only what the work *changed* comes back: names that are new, rebound or deleted. A
 value that refers to an object that already was in the namespace (a class, a big array, the
@@ -29,7 +29,7 @@ from typing import Any
 
 from tblib import Traceback
 
-from .child import child_main
+from .child import UnsentText, child_main
 from .output import with_rendered_traceback, write_stream
 from .timeout import CellTimeout
 
@@ -166,11 +166,12 @@ def run_in_child(
         raise RuntimeError("process mode needs os.fork, which this platform does not have")
     children = children if children is not None else Children()
     read_fd, write_fd = os.pipe()
+    unsent = UnsentText()
     deadline = time.monotonic() + limit
     pid = _fork()
     if pid == 0:  # pragma: no cover - runs in the child, which never returns
         os.close(read_fd)
-        child_main(work, namespace, Connection(write_fd, readable=False), shell, copy_back)
+        child_main(work, namespace, Connection(write_fd, readable=False), unsent, shell, copy_back)
     children.add(pid)
     os.close(write_fd)
     conn = Connection(read_fd, writable=False)
@@ -180,9 +181,10 @@ def run_in_child(
     except OSError:
         pass  # the child already did it, or already exited
     try:
-        return _relay(conn, pid, children, deadline, limit, namespace, shell)
+        return _relay(conn, unsent, pid, children, deadline, limit, namespace, shell)
     finally:
         conn.close()
+        unsent.close()
         children.kill(pid)
 
 
@@ -205,6 +207,7 @@ def _fork() -> int:
 
 def _relay(
     conn: Connection,
+    unsent: UnsentText,
     pid: int,
     children: Children,
     deadline: float,
@@ -216,21 +219,24 @@ def _relay(
     __tracebackhide__ = True
     result = ChildResult()
     loader = _NamespaceUnpickler.factory(namespace)
+    last_batch = -1  # the number of the last batch of text received through the pipe
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not conn.poll(remaining):
             if time.monotonic() >= deadline:
                 children.kill(pid)
-                _drain(conn, shell)
+                _drain(conn, shell, unsent, last_batch)
                 raise CellTimeout(limit, "process", "killed", f"(pid {pid})")
             continue
         try:
             kind, *payload = pickle.loads(conn.recv_bytes())
         except EOFError:
             status = children.kill(pid) or "stopped by its owner"
+            _write_streams(unsent.after_death(last_batch))
             raise ChildDied(f"the cell's process (pid {pid}) ended without a result: {status}") from None
-        if kind == "stream":
-            write_stream(*payload)
+        if kind == "streams":
+            _write_streams(payload[0])
+            last_batch = max(last_batch, payload[1])
         elif kind == "display":
             _display(shell, *payload)
         elif kind == "name":
@@ -262,6 +268,12 @@ def _relay(
     return result
 
 
+def _write_streams(batch: list[tuple[str, str]]) -> None:
+    # One write (and flush) per run of text: a batch is usually a single run.
+    for name, text in batch:
+        write_stream(name, text)
+
+
 def _display(shell: Any, kind: str, kwargs: dict[str, Any]) -> None:
     if shell is None:
         return
@@ -271,17 +283,19 @@ def _display(shell: Any, kind: str, kwargs: dict[str, Any]) -> None:
         shell.display_pub.publish(**kwargs)
 
 
-def _drain(conn: Connection, shell: Any) -> None:
-    """Show output the child produced before it was killed."""
+def _drain(conn: Connection, shell: Any, unsent: UnsentText, last_batch: int) -> None:
+    """Show output the child produced before it was killed: in the pipe, then never sent."""
     try:
         while conn.poll(0):
             kind, *payload = pickle.loads(conn.recv_bytes())
-            if kind == "stream":
-                write_stream(*payload)
+            if kind == "streams":
+                _write_streams(payload[0])
+                last_batch = max(last_batch, payload[1])
             elif kind == "display":
                 _display(shell, *payload)
     except (EOFError, OSError, pickle.UnpicklingError):
         pass
+    _write_streams(unsent.after_death(last_batch))
 
 
 def _rebuild_error(
