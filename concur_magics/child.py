@@ -487,7 +487,7 @@ def _no_input(prompt: str = "") -> str:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this child if the kernel dies first, so no orphan is left behind."""
+    """Ask Linux to SIGKILL this child if the kernel dies first (its own children are the guardian's)."""
     if sys.platform.startswith("linux"):
         parent = os.getppid()
         libc = ctypes.CDLL(None, use_errno=True)

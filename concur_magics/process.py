@@ -7,7 +7,12 @@ it. While it runs, its ``print`` output (in batches), ``display()`` calls and ``
 come to the parent over a pipe and are replayed there, so they show live in the cell that started
 the work. The child's side of this is :mod:`concur_magics.child`.
 
-When it ends, only what the work *changed* comes back: names that are new, rebound or deleted. A
+If the kernel itself dies (even by SIGKILL, so no code of ours runs in it), the child is killed by
+Linux (``PR_SET_PDEATHSIG``) and the processes the child started are killed by a guardian: a tiny
+process of the kernel's that waits on a pipe only the kernel can write to, and at end-of-file — the
+kernel is gone — kills the child's process group. A normal end stops and reaps the guardian.
+
+When the work ends, only what it *changed* comes back: names that are new, rebound or deleted. A
 value that refers to an object that already was in the namespace (a class, a big array, the
 namespace itself as a function's globals) is sent as a reference to that name rather than a copy.
 Mutating an object in place changes only the child's copy: assign to bring a result back.
@@ -175,17 +180,23 @@ def run_in_child(
     children.add(pid)
     os.close(write_fd)
     conn = Connection(read_fd, writable=False)
+    guardian: _Guardian | None = None
     try:
-        # Either side may win the race to make the child a group leader; both ask.
-        os.setpgid(pid, pid)
-    except OSError:
-        pass  # the child already did it, or already exited
-    try:
+        try:
+            # Either side may win the race to make the child a group leader; both ask.
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # the child already did it, or already exited
+        guardian = _Guardian.start(pid)
         return _relay(conn, unsent, pid, children, deadline, limit, namespace, shell)
     finally:
         conn.close()
         unsent.close()
-        children.kill(pid)
+        try:
+            children.kill(pid)
+        finally:
+            if guardian is not None:
+                guardian.stop()
 
 
 def _fork() -> int:
@@ -200,6 +211,67 @@ def _fork() -> int:
             "ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning
         )
         return os.fork()
+
+
+class _Guardian:
+    """A ``/bin/sh`` that kills the child's process group when the kernel dies, and only then.
+
+    It blocks reading a pipe whose only write end this process holds (the pipe is made after the
+    fork, so the child never has it, and is close-on-exec, so programs the kernel starts meanwhile
+    don't get it). The kernel never writes: end-of-file means the kernel has died, and the guardian
+    then SIGKILLs the group, reaching the grandchildren that ``PR_SET_PDEATHSIG`` on the child does
+    not. It is the kernel's own child (so it is reaped here at every normal end, deadline or not)
+    and leads its own process group (so an interrupt sent to the kernel's group leaves it alone).
+    A program spawned with ``posix_spawn`` costs a fraction of a millisecond, where a second fork
+    of the kernel would cost as much as the child's. Processes the work moves to a session of
+    their own (``start_new_session=True``) are beyond its reach.
+    """
+
+    # The pgid arrives as $1; `read` returns at end-of-file, as nothing is ever written.
+    SCRIPT = 'read line; kill -s KILL -- "-$1" 2>/dev/null'
+    SHELL = "/bin/sh"
+
+    def __init__(self, pid: int, write_fd: int) -> None:
+        self.pid = pid
+        self.write_fd = write_fd
+
+    @classmethod
+    def start(cls, pgid: int) -> _Guardian | None:
+        """Spawn a guardian for process group ``pgid`` (None where posix_spawn or sh is missing)."""
+        if not hasattr(os, "posix_spawn") or not os.path.exists(cls.SHELL):
+            return None
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = os.posix_spawn(
+                cls.SHELL,
+                [cls.SHELL, "-c", cls.SCRIPT, "concur-guardian", str(pgid)],
+                {},
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, read_fd, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                ],
+                setpgroup=0,
+            )
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        return cls(pid, write_fd)
+
+    def stop(self) -> None:
+        """Kill and reap the guardian, then close the pipe (in that order: EOF would make it act)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        finally:
+            os.close(self.write_fd)
 
 
 # --------------------------------------------------------------------------- replaying the child

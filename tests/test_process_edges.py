@@ -1,18 +1,24 @@
-"""Process mode at its edges: who owns the children, heavy output.
+"""Process mode at its edges: who owns the children, heavy output, grandchildren.
 
 Every test drives a real ipykernel with the extension loaded.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
-from concur_magics.frontend import Kernel
+import psutil
+import pytest
+
+from concur_magics.frontend import Kernel, running_kernel
 from tests.conftest import run, value
 
 # Bounds are generous on purpose (a loaded 2-core CI machine): they tell "happened live / soon"
 # apart from "only at the end / never". Speed itself is measured in benchmarks/relay.py.
 LIVE_WITHIN = 5.0
+GONE_WITHIN = 10.0
 
 LINES = 100_000
 
@@ -20,6 +26,24 @@ LINES = 100_000
 def streams(cell: object) -> int:
     """How many stream messages a cell received."""
     return sum(1 for o in cell.outputs if o["output_type"] == "stream")  # type: ignore[attr-defined]
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` no longer runs (a zombie waiting for init counts as gone: it is dead)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` seconds for ``pids`` to end; return those still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if not gone(pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
 
 
 # ----------------------------------------------------------------------------- 1. who owns children
@@ -51,7 +75,7 @@ def test_children_registry_holds_the_child_while_it_runs_and_kill_all_stops_it(f
     assert cell.results[-1]["text/plain"] == "(1, 0, False)"
     outcome = value(fresh_kernel, "outcome")
     assert "ChildDied" in outcome and "stopped by its owner" in outcome, outcome
-    # The child and its group are gone and reaped.
+    # The child, its group and its guardian are all gone and reaped.
     assert fresh_kernel.children() == []
     # No module-level registry is left to share between shells.
     assert value(fresh_kernel, "[hasattr(process, n) for n in ('kill_all', '_live')]") == "[False, False]"
@@ -174,3 +198,46 @@ def test_a_fork_inside_the_cell_can_still_print(kernel: Kernel) -> None:
     cell = run(kernel, code)
     assert cell.status == "ok", cell.text
     assert cell.stdout == "before fork\nfrom the grandchild\nafter fork\n"
+
+
+# ----------------------------------------------------------------------------- 3. grandchildren
+
+
+@pytest.mark.timeout(180)
+def test_a_grandchild_dies_when_the_kernel_is_killed() -> None:
+    with running_kernel(startup_timeout=60) as kernel:
+        assert run(kernel, "%load_ext concur_magics").status == "ok"
+        cell = kernel.execute(
+            "%%timeout 600 --mode process\nimport subprocess, time\n"
+            "print(subprocess.Popen(['sleep', '1000']).pid)\ntime.sleep(600)",
+            wait=False,
+        )
+        kernel.wait_until(lambda: cell.stdout.strip().isdigit(), timeout=30, what="the grandchild's pid")
+        grandchild = int(cell.stdout)
+        assert psutil.Process(grandchild).cmdline() == ["sleep", "1000"]
+        descendants = [p.pid for p in kernel.children()]
+        assert grandchild in descendants and len(descendants) == 3  # child, guardian, sleep
+        # SIGKILL: no code of ours runs in the kernel; the child and the guardian must notice.
+        os.kill(kernel.pid, signal.SIGKILL)
+        alive = wait_gone(descendants, GONE_WITHIN)
+        assert alive == [], [psutil.Process(pid).cmdline() for pid in alive]
+
+
+@pytest.mark.timeout(180)
+def test_twenty_cells_with_grandchildren_leave_nothing_behind(fresh_kernel: Kernel) -> None:
+    grandchildren = []
+    for i in range(20):
+        # Half finish on their own, half are killed at their deadline: both ends must reap all.
+        tail = "" if i % 2 else "\nsum(range(10**13))"
+        limit = 30 if i % 2 else 0.3
+        cell = run(fresh_kernel, f"%%timeout {limit} --mode process\nimport subprocess\n"
+                   f"print(subprocess.Popen(['sleep', '1000']).pid, flush=True){tail}")
+        assert cell.stdout.strip().isdigit(), cell.text
+        grandchildren.append(int(cell.stdout))
+        if i % 2:
+            assert cell.status == "ok", cell.text
+        else:
+            assert cell.error is not None and cell.error["ename"] == "CellTimeout", cell.text
+    # Nothing under the kernel: no child, guardian or grandchild, running or zombie.
+    assert fresh_kernel.children() == []
+    assert wait_gone(grandchildren, GONE_WITHIN) == []
