@@ -9,6 +9,9 @@ this order:
     :class:`UnsentText` (-1 for text sent without passing through it; see :class:`Outbox`).
 ``("display", "publish" | "clear", kwargs)``
     A ``display()`` or ``clear_output()`` call.
+``("finished",)``
+    The work has returned or raised. From here on the parent no longer applies the deadline,
+    only the bound on copying back (``process.COPY_BACK_LIMIT``).
 ``("name", name, data)`` / ``("not_copied", name, why)`` / ``("deleted", [names])``
     What the work changed in the namespace (with ``copy_back``).
 ``("value", data)`` then ``("done",)``, or ``("error", data, tb, text, rendered)``
@@ -351,8 +354,10 @@ def child_main(
         try:
             value = work(namespace)
         except BaseException as exc:  # noqa: BLE001 - everything the work raises goes to the parent
+            outbox.send(("finished",))
             outbox.send(_describe_error(exc, shell))
         else:
+            outbox.send(("finished",))
             if copy_back:
                 _send_changes(outbox, namespace, before)
             _send_value(outbox, value, namespace, before)

@@ -15,7 +15,8 @@ kernel is gone — kills the child's process group. A normal end stops and reaps
 When the work ends, only what it *changed* comes back: names that are new, rebound or deleted. A
 value that refers to an object that already was in the namespace (a class, a big array, the
 namespace itself as a function's globals) is sent as a reference to that name rather than a copy.
-Mutating an object in place changes only the child's copy: assign to bring a result back.
+Mutating an object in place changes only the child's copy: assign to bring a result back. Copying
+back does not count against the deadline; it has its own bound, :data:`COPY_BACK_LIMIT`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,21 @@ from .child import UnsentText, child_main
 from .output import with_rendered_traceback, write_stream
 from .timeout import CellTimeout
 
-__all__ = ["ChildDied", "ChildResult", "Children", "NamesNotCopiedWarning", "run_in_child"]
+__all__ = [
+    "COPY_BACK_LIMIT",
+    "ChildDied",
+    "ChildResult",
+    "Children",
+    "CopyBackTimeout",
+    "NamesNotCopiedWarning",
+    "run_in_child",
+]
+
+# Seconds the child may take, after the work has finished, to send back its changed names, its
+# value or its exception. Pickling is the user's code too (``__reduce__``), so it is bounded, but
+# far more loosely than the work: a cell that did its job within its limit should not lose its
+# results because they are big.
+COPY_BACK_LIMIT = 60.0
 
 
 class NamesNotCopiedWarning(UserWarning):
@@ -51,6 +66,10 @@ warnings.simplefilter("always", NamesNotCopiedWarning)
 
 class ChildDied(RuntimeError):
     """The child process ended without reporting a result (crashed, killed, or called os._exit)."""
+
+
+class CopyBackTimeout(RuntimeError):
+    """The work finished, but sending its results back took longer than ``COPY_BACK_LIMIT``."""
 
 
 @dataclass
@@ -146,7 +165,8 @@ def run_in_child(
     namespace:
         The namespace the work runs in; with ``copy_back`` the names it changes come back into it.
     limit:
-        Seconds until the child and its process group are killed.
+        Seconds until the child and its process group are killed. Once the work has finished,
+        sending its results back is bounded by :data:`COPY_BACK_LIMIT` instead.
     copy_back:
         Bring new, rebound and deleted names back into ``namespace``.
     shell:
@@ -159,6 +179,9 @@ def run_in_child(
     ------
     CellTimeout
         At the deadline (the child has been killed and reaped by then).
+    CopyBackTimeout
+        If sending the results back took longer than ``COPY_BACK_LIMIT`` (the child has been
+        killed; no names were copied back).
     ChildDied
         If the child ended without a result.
     RuntimeError
@@ -287,19 +310,31 @@ def _relay(
     namespace: dict[str, Any],
     shell: Any,
 ) -> ChildResult:
-    """Replay the child's messages until it reports its result or the deadline passes."""
+    """Replay the child's messages until it reports its result or the deadline passes.
+
+    The child says ``finished`` when the work has returned or raised; from then on ``deadline``
+    is replaced by ``COPY_BACK_LIMIT`` seconds for sending the results back.
+    """
     __tracebackhide__ = True
     result = ChildResult()
     loader = _NamespaceUnpickler.factory(namespace)
+    copying = False
     last_batch = -1  # the number of the last batch of text received through the pipe
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not conn.poll(remaining):
-            if time.monotonic() >= deadline:
-                children.kill(pid)
-                _drain(conn, shell, unsent, last_batch)
-                raise CellTimeout(limit, "process", "killed", f"(pid {pid})")
-            continue
+            if time.monotonic() < deadline:
+                continue
+            children.kill(pid)
+            if copying:
+                raise CopyBackTimeout(
+                    f"the process-mode work finished, but sending its names and value back took "
+                    f"longer than COPY_BACK_LIMIT ({COPY_BACK_LIMIT:g} s, "
+                    f"concur_magics.process.COPY_BACK_LIMIT); the child (pid {pid}) was killed and "
+                    "nothing was copied back"
+                )
+            _drain(conn, shell, unsent, last_batch)
+            raise CellTimeout(limit, "process", "killed", f"(pid {pid})")
         try:
             kind, *payload = pickle.loads(conn.recv_bytes())
         except EOFError:
@@ -311,6 +346,9 @@ def _relay(
             last_batch = max(last_batch, payload[1])
         elif kind == "display":
             _display(shell, *payload)
+        elif kind == "finished":
+            copying = True
+            deadline = time.monotonic() + COPY_BACK_LIMIT
         elif kind == "name":
             name, data = payload
             try:

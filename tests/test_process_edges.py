@@ -1,4 +1,4 @@
-"""Process mode at its edges: who owns the children, heavy output, grandchildren.
+"""Process mode at its edges: who owns the children, heavy output, grandchildren, slow copy-back.
 
 Every test drives a real ipykernel with the extension loaded.
 """
@@ -241,3 +241,44 @@ def test_twenty_cells_with_grandchildren_leave_nothing_behind(fresh_kernel: Kern
     # Nothing under the kernel: no child, guardian or grandchild, running or zombie.
     assert fresh_kernel.children() == []
     assert wait_gone(grandchildren, GONE_WITHIN) == []
+
+
+# ----------------------------------------------------------------------------- 4. copying back
+
+
+SLOW_TO_PICKLE = (
+    "import time\n"
+    "class SlowToPickle:\n"
+    "    def __init__(self, seconds):\n"
+    "        self.seconds = seconds\n"
+    "    def __reduce__(self):\n"
+    "        time.sleep(self.seconds)\n"
+    "        return (SlowToPickle, (self.seconds,))\n"
+)
+
+
+def test_copying_names_back_does_not_count_against_the_deadline(kernel: Kernel) -> None:
+    run(kernel, SLOW_TO_PICKLE)
+    cell = run(kernel, "%%timeout 1 --mode process\nimport time\ntime.sleep(0.6)\nslow = SlowToPickle(1)\n'done'")
+    assert cell.status == "ok", cell.text
+    assert cell.results[-1]["text/plain"] == "'done'"
+    assert value(kernel, "type(slow).__name__, slow.seconds") == "('SlowToPickle', 1)"
+
+
+def test_copying_back_is_bounded_and_the_error_names_the_bound(kernel: Kernel) -> None:
+    run(kernel, SLOW_TO_PICKLE)
+    run(kernel, "import concur_magics.process as process\nbound = process.COPY_BACK_LIMIT")
+    try:
+        run(kernel, "process.COPY_BACK_LIMIT = 0.5")
+        started = time.monotonic()
+        cell = run(kernel, "%%timeout 30 --mode process\nkept = 1\nstuck = SlowToPickle(60)")
+        elapsed = time.monotonic() - started
+    finally:
+        run(kernel, "process.COPY_BACK_LIMIT = bound")
+    assert cell.error is not None and cell.error["ename"] == "CopyBackTimeout", cell.text
+    assert "COPY_BACK_LIMIT (0.5 s" in cell.error["evalue"]
+    # Stopped by the 0.5 s bound (10 s is generous on a loaded machine), not by the cell's 30 s
+    # limit nor by the end of the 60 s pickling.
+    assert elapsed < 10
+    assert value(kernel, "'kept' in globals() or 'stuck' in globals()") == "False"
+    assert kernel.children() == []
