@@ -196,7 +196,13 @@ def run_in_child(
     read_fd, write_fd = os.pipe()
     unsent = UnsentText()
     deadline = time.monotonic() + limit
-    pid = _fork()
+    try:
+        pid = _fork()
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        unsent.close()
+        raise
     if pid == 0:  # pragma: no cover - runs in the child, which never returns
         os.close(read_fd)
         child_main(work, namespace, Connection(write_fd, readable=False), unsent, shell, copy_back)
