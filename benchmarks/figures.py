@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from concur_magics.frontend import Kernel, running_kernel
 
+from .relay import process_print_relay
+
 if TYPE_CHECKING:
     from .__main__ import Row
 
@@ -444,4 +446,5 @@ ALL[:] = [
     ("process-mode", process_mode_cost),
     ("clock", clock),
     ("dask", dask_figures),
+    ("relay", process_print_relay),
 ]

@@ -3,41 +3,57 @@
 The child is a copy-on-write fork of the caller, so it sees the whole namespace as it is without
 pickling anything going in. It leads its own process group, so one ``killpg(SIGKILL)`` at the
 deadline stops it and everything it started, even in C code holding the GIL; the parent then reaps
-it. While it runs, its ``print`` output, ``display()`` calls and ``clear_output()`` come to the parent
-over a pipe and are replayed there, so they show live in the cell that started the work.
+it. While it runs, its ``print`` output (in batches), ``display()`` calls and ``clear_output()``
+come to the parent over a pipe and are replayed there, so they show live in the cell that started
+the work. The child's side of this is :mod:`concur_magics.child`.
 
-When it ends, only what the work *changed* comes back: names that are new, rebound or deleted. A
+If the kernel itself dies (even by SIGKILL, so no code of ours runs in it), the child is killed by
+Linux (``PR_SET_PDEATHSIG``) and the processes the child started are killed by a guardian: a tiny
+process of the kernel's that waits on a pipe only the kernel can write to, and at end-of-file — the
+kernel is gone — kills the child's process group. A normal end stops and reaps the guardian.
+
+When the work ends, only what it *changed* comes back: names that are new, rebound or deleted. A
 value that refers to an object that already was in the namespace (a class, a big array, the
 namespace itself as a function's globals) is sent as a reference to that name rather than a copy.
-Mutating an object in place changes only the child's copy: assign to bring a result back.
+Mutating an object in place changes only the child's copy: assign to bring a result back. Copying
+back does not count against the deadline; it has its own bound, :data:`COPY_BACK_LIMIT`.
 """
 
 from __future__ import annotations
 
-import builtins
-import ctypes
 import io
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import cloudpickle
-from IPython.core.displaypub import DisplayPublisher
 from tblib import Traceback
 
-from .output import format_traceback, with_rendered_traceback, write_stream
+from .child import UnsentText, child_main
+from .output import with_rendered_traceback, write_stream
 from .timeout import CellTimeout
 
-__all__ = ["ChildDied", "ChildResult", "NamesNotCopiedWarning", "kill_all", "run_in_child"]
+__all__ = [
+    "COPY_BACK_LIMIT",
+    "ChildDied",
+    "ChildResult",
+    "Children",
+    "CopyBackTimeout",
+    "NamesNotCopiedWarning",
+    "run_in_child",
+]
+
+# Seconds the child may take, after the work has finished, to send back its changed names, its
+# value or its exception. Pickling is the user's code too (``__reduce__``), so it is bounded, but
+# far more loosely than the work: a cell that did its job within its limit should not lose its
+# results because they are big.
+COPY_BACK_LIMIT = 60.0
 
 
 class NamesNotCopiedWarning(UserWarning):
@@ -52,6 +68,10 @@ class ChildDied(RuntimeError):
     """The child process ended without reporting a result (crashed, killed, or called os._exit)."""
 
 
+class CopyBackTimeout(RuntimeError):
+    """The work finished, but sending its results back took longer than ``COPY_BACK_LIMIT``."""
+
+
 @dataclass
 class ChildResult:
     """What came back from the child."""
@@ -62,14 +82,69 @@ class ChildResult:
     not_copied: dict[str, str] = field(default_factory=dict)
 
 
-# pids of children that are running now; a shutdown kills whatever is left (see kill_all).
-_live: set[int] = set()
+class Children:
+    """The process-mode children running now, so that they can all be stopped at once.
 
+    Owned by the extension's one owner object, whose ``close()`` (unload, kernel shutdown) calls
+    :meth:`kill_all`. Each pid is a process-group leader: killing it kills the group. All methods
+    are thread-safe; :meth:`kill` and :meth:`kill_all` block until the children are reaped.
+    """
 
-def kill_all() -> None:
-    """Kill every running child's process group and reap it (unload and kernel shutdown)."""
-    for pid in list(_live):
-        _kill_and_reap(pid)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pids: set[int] = set()
+
+    def add(self, pid: int) -> None:
+        """Register a running child (a process-group leader)."""
+        with self._lock:
+            self._pids.add(pid)
+
+    def discard(self, pid: int) -> None:
+        """Forget a child without killing it (it has been reaped elsewhere)."""
+        with self._lock:
+            self._pids.discard(pid)
+
+    def pids(self) -> list[int]:
+        """The registered pids, in no particular order."""
+        with self._lock:
+            return list(self._pids)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pids)
+
+    def kill(self, pid: int) -> str | None:
+        """SIGKILL ``pid``'s process group, reap ``pid`` and forget it.
+
+        Returns
+        -------
+        str or None
+            How the child ended (``"exit code 0"``, ``"killed by SIGKILL"``), or None if it was not
+            registered (already reaped, for example by :meth:`kill_all` from another thread).
+        """
+        # Under the lock, so a pid is reaped exactly once and never signalled after it was reaped
+        # (when its number may already belong to another process).
+        with self._lock:
+            if pid not in self._pids:
+                return None
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                status = 0
+            finally:
+                self._pids.discard(pid)
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exit code {os.WEXITSTATUS(status)}"
+
+    def kill_all(self) -> None:
+        """Kill every registered child's process group and reap the child."""
+        for pid in self.pids():
+            self.kill(pid)
 
 
 def run_in_child(
@@ -79,7 +154,7 @@ def run_in_child(
     *,
     copy_back: bool = False,
     shell: Any = None,
-    children: Any = None,
+    children: Children | None = None,
 ) -> ChildResult:
     """Run ``work(namespace)`` in a forked child, killing it at ``limit`` seconds.
 
@@ -90,16 +165,23 @@ def run_in_child(
     namespace:
         The namespace the work runs in; with ``copy_back`` the names it changes come back into it.
     limit:
-        Seconds until the child and its process group are killed.
+        Seconds until the child and its process group are killed. Once the work has finished,
+        sending its results back is bounded by :data:`COPY_BACK_LIMIT` instead.
     copy_back:
         Bring new, rebound and deleted names back into ``namespace``.
     shell:
         The IPython shell whose display publisher should show the child's ``display()`` calls.
+    children:
+        Where the child is registered while it runs, so that its owner can kill it
+        (:meth:`Children.kill_all`). Without it the child is known only to this call.
 
     Raises
     ------
     CellTimeout
         At the deadline (the child has been killed and reaped by then).
+    CopyBackTimeout
+        If sending the results back took longer than ``COPY_BACK_LIMIT`` (the child has been
+        killed; no names were copied back).
     ChildDied
         If the child ended without a result.
     RuntimeError
@@ -110,25 +192,40 @@ def run_in_child(
     __tracebackhide__ = True
     if not hasattr(os, "fork"):
         raise RuntimeError("process mode needs os.fork, which this platform does not have")
+    children = children if children is not None else Children()
     read_fd, write_fd = os.pipe()
+    unsent = UnsentText()
     deadline = time.monotonic() + limit
-    pid = _fork()
+    try:
+        pid = _fork()
+    except BaseException:
+        os.close(read_fd)
+        os.close(write_fd)
+        unsent.close()
+        raise
     if pid == 0:  # pragma: no cover - runs in the child, which never returns
         os.close(read_fd)
-        _child_main(work, namespace, Connection(write_fd, readable=False), shell, copy_back)
-    _live.add(pid)
+        child_main(work, namespace, Connection(write_fd, readable=False), unsent, shell, copy_back)
+    children.add(pid)
     os.close(write_fd)
     conn = Connection(read_fd, writable=False)
+    guardian: _Guardian | None = None
     try:
-        # Either side may win the race to make the child a group leader; both ask.
-        os.setpgid(pid, pid)
-    except OSError:
-        pass  # the child already did it, or already exited
-    try:
-        return _relay(conn, pid, deadline, limit, namespace, shell)
+        try:
+            # Either side may win the race to make the child a group leader; both ask.
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # the child already did it, or already exited
+        guardian = _Guardian.start(pid)
+        return _relay(conn, unsent, pid, children, deadline, limit, namespace, shell)
     finally:
         conn.close()
-        _kill_and_reap(pid)
+        unsent.close()
+        try:
+            children.kill(pid)
+        finally:
+            if guardian is not None:
+                guardian.stop()
 
 
 def _fork() -> int:
@@ -145,38 +242,119 @@ def _fork() -> int:
         return os.fork()
 
 
-# --------------------------------------------------------------------------- parent side
+class _Guardian:
+    """A ``/bin/sh`` that kills the child's process group when the kernel dies, and only then.
+
+    It blocks reading a pipe whose only write end this process holds (the pipe is made after the
+    fork, so the child never has it, and is close-on-exec, so programs the kernel starts meanwhile
+    don't get it). The kernel never writes: end-of-file means the kernel has died, and the guardian
+    then SIGKILLs the group, reaching the grandchildren that ``PR_SET_PDEATHSIG`` on the child does
+    not. It is the kernel's own child (so it is reaped here at every normal end, deadline or not)
+    and leads its own process group (so an interrupt sent to the kernel's group leaves it alone).
+    A program spawned with ``posix_spawn`` costs a fraction of a millisecond, where a second fork
+    of the kernel would cost as much as the child's. Processes the work moves to a session of
+    their own (``start_new_session=True``) are beyond its reach.
+    """
+
+    # The pgid arrives as $1; `read` returns at end-of-file, as nothing is ever written.
+    SCRIPT = 'read line; kill -s KILL -- "-$1" 2>/dev/null'
+    SHELL = "/bin/sh"
+
+    def __init__(self, pid: int, write_fd: int) -> None:
+        self.pid = pid
+        self.write_fd = write_fd
+
+    @classmethod
+    def start(cls, pgid: int) -> _Guardian | None:
+        """Spawn a guardian for process group ``pgid`` (None where posix_spawn or sh is missing)."""
+        if not hasattr(os, "posix_spawn") or not os.path.exists(cls.SHELL):
+            return None
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = os.posix_spawn(
+                cls.SHELL,
+                [cls.SHELL, "-c", cls.SCRIPT, "concur-guardian", str(pgid)],
+                {},
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, read_fd, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                ],
+                setpgroup=0,
+            )
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        return cls(pid, write_fd)
+
+    def stop(self) -> None:
+        """Kill and reap the guardian, then close the pipe (in that order: EOF would make it act)."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        finally:
+            os.close(self.write_fd)
+
+
+# --------------------------------------------------------------------------- replaying the child
 
 
 def _relay(
     conn: Connection,
+    unsent: UnsentText,
     pid: int,
+    children: Children,
     deadline: float,
     limit: float,
     namespace: dict[str, Any],
     shell: Any,
 ) -> ChildResult:
-    """Replay the child's messages until it reports its result or the deadline passes."""
+    """Replay the child's messages until it reports its result or the deadline passes.
+
+    The child says ``finished`` when the work has returned or raised; from then on ``deadline``
+    is replaced by ``COPY_BACK_LIMIT`` seconds for sending the results back.
+    """
     __tracebackhide__ = True
     result = ChildResult()
     loader = _NamespaceUnpickler.factory(namespace)
+    copying = False
+    last_batch = -1  # the number of the last batch of text received through the pipe
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not conn.poll(remaining):
-            if time.monotonic() >= deadline:
-                _kill_and_reap(pid)
-                _drain(conn, shell)
-                raise CellTimeout(limit, "process", "killed", f"(pid {pid})")
-            continue
+            if time.monotonic() < deadline:
+                continue
+            children.kill(pid)
+            if copying:
+                raise CopyBackTimeout(
+                    f"the process-mode work finished, but sending its names and value back took "
+                    f"longer than COPY_BACK_LIMIT ({COPY_BACK_LIMIT:g} s, "
+                    f"concur_magics.process.COPY_BACK_LIMIT); the child (pid {pid}) was killed and "
+                    "nothing was copied back"
+                )
+            _drain(conn, shell, unsent, last_batch)
+            raise CellTimeout(limit, "process", "killed", f"(pid {pid})")
         try:
             kind, *payload = pickle.loads(conn.recv_bytes())
         except EOFError:
-            status = _kill_and_reap(pid)
+            status = children.kill(pid) or "stopped by its owner"
+            _write_streams(unsent.after_death(last_batch))
             raise ChildDied(f"the cell's process (pid {pid}) ended without a result: {status}") from None
-        if kind == "stream":
-            write_stream(*payload)
+        if kind == "streams":
+            _write_streams(payload[0])
+            last_batch = max(last_batch, payload[1])
         elif kind == "display":
             _display(shell, *payload)
+        elif kind == "finished":
+            copying = True
+            deadline = time.monotonic() + COPY_BACK_LIMIT
         elif kind == "name":
             name, data = payload
             try:
@@ -206,6 +384,12 @@ def _relay(
     return result
 
 
+def _write_streams(batch: list[tuple[str, str]]) -> None:
+    # One write (and flush) per run of text: a batch is usually a single run.
+    for name, text in batch:
+        write_stream(name, text)
+
+
 def _display(shell: Any, kind: str, kwargs: dict[str, Any]) -> None:
     if shell is None:
         return
@@ -215,17 +399,19 @@ def _display(shell: Any, kind: str, kwargs: dict[str, Any]) -> None:
         shell.display_pub.publish(**kwargs)
 
 
-def _drain(conn: Connection, shell: Any) -> None:
-    """Show output the child produced before it was killed."""
+def _drain(conn: Connection, shell: Any, unsent: UnsentText, last_batch: int) -> None:
+    """Show output the child produced before it was killed: in the pipe, then never sent."""
     try:
         while conn.poll(0):
             kind, *payload = pickle.loads(conn.recv_bytes())
-            if kind == "stream":
-                write_stream(*payload)
+            if kind == "streams":
+                _write_streams(payload[0])
+                last_batch = max(last_batch, payload[1])
             elif kind == "display":
                 _display(shell, *payload)
     except (EOFError, OSError, pickle.UnpicklingError):
         pass
+    _write_streams(unsent.after_death(last_batch))
 
 
 def _rebuild_error(
@@ -240,25 +426,6 @@ def _rebuild_error(
         # The child's frames, for code that inspects the traceback; IPython shows `rendered`.
         exc = exc.with_traceback(Traceback.from_dict(tb).as_traceback())
     return with_rendered_traceback(exc, rendered)
-
-
-def _kill_and_reap(pid: int) -> str:
-    """SIGKILL the child's process group, reap the child and say how it ended. Idempotent."""
-    if pid not in _live:
-        return "already reaped"
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        status = 0
-    finally:
-        _live.discard(pid)
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 class _NamespaceUnpickler(pickle.Unpickler):
@@ -278,246 +445,3 @@ class _NamespaceUnpickler(pickle.Unpickler):
     @classmethod
     def factory(cls, namespace: dict[str, Any]) -> Callable[[bytes], Any]:
         return lambda data: cls(io.BytesIO(data), namespace).load()
-
-
-# --------------------------------------------------------------------------- child side
-
-
-class _NamespacePickler(cloudpickle.Pickler):
-    """Pickles what changed in the child without dragging the namespace along.
-
-    The namespace dict becomes a reference (so functions defined in the cell get the caller's
-    namespace as their globals, not a pickled copy of every global they name), and any object that
-    was already bound to a name before the work ran becomes a reference to that name.
-    """
-
-    def __init__(self, file: io.BytesIO, namespace: dict[str, Any], before: dict[str, Any]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.namespace = namespace
-        self.by_id = {id(value): name for name, value in before.items()}
-        self.before = before
-
-    def persistent_id(self, obj: Any) -> Any:
-        if obj is self.namespace:
-            return ("ns",)
-        name = self.by_id.get(id(obj))
-        if name is not None and self.before.get(name) is obj and not _is_atom(obj):
-            return ("ns", name)
-        return None
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, types.FunctionType) and obj.__globals__ is self.namespace:
-            return _make_function, (
-                obj.__code__,
-                self.namespace,
-                obj.__name__,
-                obj.__defaults__,
-                obj.__closure__,
-                {
-                    "__qualname__": obj.__qualname__,
-                    "__kwdefaults__": obj.__kwdefaults__,
-                    "__annotations__": obj.__annotations__,
-                    "__doc__": obj.__doc__,
-                    "__module__": obj.__module__,
-                    "__dict__": obj.__dict__,
-                },
-            )
-        return super().reducer_override(obj)
-
-
-def _is_atom(obj: Any) -> bool:
-    # Small immutable values are cheaper to copy than to reference, and may be shared by chance.
-    return obj is None or isinstance(obj, (bool, int, float, complex, str, bytes))
-
-
-def _make_function(
-    code: types.CodeType,
-    globals_: dict[str, Any],
-    name: str,
-    defaults: tuple[Any, ...] | None,
-    closure: tuple[Any, ...] | None,
-    attrs: dict[str, Any],
-) -> types.FunctionType:
-    fn = types.FunctionType(code, globals_, name, defaults, closure)
-    for key, value in attrs.items():
-        setattr(fn, key, value)
-    return fn
-
-
-class _PipeStream(io.TextIOBase):
-    """sys.stdout / sys.stderr in the child: line-buffered writes that go to the parent."""
-
-    def __init__(self, send: Callable[[tuple[Any, ...]], None], name: str, fd: int) -> None:
-        self._send = send
-        self._name = name
-        self._fd = fd
-        self._buffer: list[str] = []
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"<{self._name}>"
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self._buffer.append(str(text))
-        if "\n" in text:
-            self.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        if self._buffer:
-            text, self._buffer = "".join(self._buffer), []
-            self._send(("stream", self._name, text))
-
-    def fileno(self) -> int:
-        # C code and subprocesses write to the real descriptor, which the kernel already captures.
-        return self._fd
-
-
-def _child_main(
-    work: Callable[[dict[str, Any]], Any],
-    namespace: dict[str, Any],
-    conn: Connection,
-    shell: Any,
-    copy_back: bool,
-) -> None:  # pragma: no cover - measured through the tests that run it in a kernel
-    code = 0
-    try:
-        os.setpgid(0, 0)
-        _die_with_parent()
-        lock = threading.RLock()
-
-        def send(message: tuple[Any, ...]) -> None:
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-            with lock:
-                if message[0] != "stream":
-                    # Keep the order the user sees: pending text goes before a display or a result.
-                    streams[0].flush()
-                    streams[1].flush()
-                conn.send_bytes(data)
-
-        streams = (_PipeStream(send, "stdout", 1), _PipeStream(send, "stderr", 2))
-        sys.stdout, sys.stderr = streams
-        if shell is not None:
-            shell.display_pub = _PipePublisher(send)
-        builtins.input = _no_input  # type: ignore[assignment]
-        before = dict(namespace)
-        try:
-            value = work(namespace)
-        except BaseException as exc:  # noqa: BLE001 - everything the work raises goes to the parent
-            send(_describe_error(exc, shell))
-        else:
-            if copy_back:
-                _send_changes(send, namespace, before)
-            _send_value(send, value, namespace, before)
-            send(("done",))
-    except BaseException:  # noqa: BLE001 - the child must never return into the caller's code
-        code = 70
-    finally:
-        _flush_c_stdio()
-        os._exit(code)
-
-
-def _send_changes(send: Callable[..., None], namespace: dict[str, Any], before: dict[str, Any]) -> None:
-    for name, value in list(namespace.items()):
-        if name == "__builtins__" or before.get(name, _MISSING) is value:
-            continue
-        try:
-            send(("name", name, _dumps(value, namespace, before)))
-        except Exception as exc:  # noqa: BLE001 - reported to the user by name
-            send(("not_copied", name, f"{type(exc).__name__}: {exc}"))
-    send(("deleted", [name for name in before if name not in namespace]))
-
-
-def _send_value(send: Callable[..., None], value: Any, namespace: dict[str, Any], before: dict[str, Any]) -> None:
-    try:
-        data = _dumps(value, namespace, before)
-    except Exception as exc:  # noqa: BLE001 - the value is replaced by a description
-        data = pickle.dumps(f"<result of type {type(value).__name__} could not be pickled: {exc}>")
-    send(("value", data))
-
-
-_MISSING = object()
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _dumps(value: Any, namespace: dict[str, Any], before: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    _NamespacePickler(buffer, namespace, before).dump(value)
-    return buffer.getvalue()
-
-
-def _describe_error(exc: BaseException, shell: Any) -> tuple[Any, ...]:
-    import traceback
-
-    text = "".join(traceback.format_exception(exc))
-    try:
-        data: bytes | None = cloudpickle.dumps(exc)
-    except Exception:  # noqa: BLE001 - described as text instead
-        data = None
-    tb = exc.__traceback__
-    # Start the traceback at the user's code, not at this module's plumbing.
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        tb = tb.tb_next
-    rendered = None
-    if shell is not None:
-        try:
-            rendered = format_traceback(exc.with_traceback(tb), shell)
-        except Exception:  # noqa: BLE001 - the plain traceback still goes back
-            rendered = None
-    return ("error", data, Traceback(tb).to_dict() if tb is not None else None, text, rendered)
-
-
-def _no_input(prompt: str = "") -> str:
-    raise RuntimeError("input() is not available in a process-mode cell: it has no stdin channel")
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this child if the kernel dies first, so no orphan is left behind."""
-    if sys.platform.startswith("linux"):
-        parent = os.getppid()
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(71)
-
-
-def _flush_c_stdio() -> None:
-    try:
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):
-        pass
-
-
-class _PipePublisher(DisplayPublisher):
-    """Stands in for the shell's display publisher in the child; the parent publishes for real."""
-
-    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
-        super().__init__()
-        self._send = send
-
-    def publish(
-        self,
-        data: dict[str, Any],
-        metadata: dict[str, Any] | None = None,
-        source: Any = None,
-        *,
-        transient: dict[str, Any] | None = None,
-        update: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        message = {"data": data, "metadata": metadata, "transient": transient, "update": update}
-        self._send(("display", "publish", message))
-
-    def clear_output(self, wait: bool = False) -> None:
-        self._send(("display", "clear", {"wait": wait}))
-
-
-class Children:
-    """Process-mode children running now, owned by the extension's one owner object."""
-
-    def kill_all(self) -> None:
-        kill_all()
