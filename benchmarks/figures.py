@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from concur_magics.frontend import Kernel, running_kernel
 
+from .jobs import background_launch_in_kernel, loop_deadlines
 from .relay import process_print_relay
 
 if TYPE_CHECKING:
@@ -441,6 +442,8 @@ def _burn(n: int) -> int:
 ALL[:] = [
     ("kernel_demo", kernel_demo_round_trip),
     ("background", background_launch),
+    ("launch-in-kernel", background_launch_in_kernel),
+    ("loop-deadlines", loop_deadlines),
     ("many-waits", many_waits),
     ("timeout", timeout_precision),
     ("process-mode", process_mode_cost),

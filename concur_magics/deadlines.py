@@ -337,7 +337,7 @@ class Scope:
         if isinstance(exc, CellTimeout):
             return None
         if exc is None and (self.expired or late >= 0):
-            return self.error("overran", f"It ran {max(late, 0):.1f} s past the limit.")
+            return self.error("overran", f"(it ran {max(late, 0):.1f} s past the limit)")
         return None
 
     # ------------------------------------------------------------------ engine side

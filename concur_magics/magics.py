@@ -52,7 +52,7 @@ def seconds(text: str) -> float:
     try:
         if value is None:
             value = parse_timedelta(text, default="seconds")
-    except (KeyError, ValueError, TypeError, OverflowError):
+    except (KeyError, ValueError, TypeError, OverflowError, IndexError):  # IndexError: dask on ""
         raise argparse.ArgumentTypeError(
             f"expected a positive number of seconds (or a duration like 500ms), got {shown!r}"
         ) from None

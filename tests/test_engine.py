@@ -1,0 +1,134 @@
+"""The deadline engine, the job lifecycle and the worker pool through the plain-Python API:
+properties over many random inputs (hypothesis), and nothing left behind."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from concur_magics import CellTimeout, background, run_with_timeout, timeout
+from concur_magics.deadlines import MAX_SECONDS, Engine, check_seconds
+from concur_magics.magics import seconds
+from concur_magics.runtime import Runtime
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=30), st.floats().map(repr), st.integers().map(str),
+                 st.integers(min_value=0, max_value=10**6).map(lambda n: f"{n}ms")))
+def test_every_duration_text_parses_into_range_or_is_refused(text: str) -> None:
+    try:
+        value = seconds(text)
+    except argparse.ArgumentTypeError as exc:
+        assert str(exc)  # says what was wrong
+        return
+    assert 0 < value <= MAX_SECONDS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=-10**400, max_value=10**400)))
+def test_check_seconds_accepts_exactly_the_platform_range(value: float) -> None:
+    try:
+        checked = check_seconds(value)
+    except ValueError as exc:
+        assert "time limit" in str(exc)
+        assert not (0 < float(value) <= MAX_SECONDS) if abs(value) < 1e308 else True
+        return
+    assert 0 < checked <= MAX_SECONDS and checked == float(value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(min_value=0, max_value=0.05), st.booleans()), min_size=1, max_size=40))
+def test_the_engine_fires_each_kept_call_once_in_due_order_and_no_cancelled_one(plan: list[tuple[float, bool]]) -> None:
+    engine = Engine()
+    fired: list[int] = []
+    lock = threading.Lock()
+    start = time.monotonic() + 0.2  # cancelling takes microseconds: all of it happens before any is due
+    entries = []
+    for i, (delay, _) in enumerate(plan):
+        def record(i: int = i) -> None:
+            with lock:
+                fired.append(i)
+        entries.append(engine.call_at(start + delay, record))
+    for entry, (_, cancel) in zip(entries, plan):
+        if cancel:
+            entry.cancel()
+    kept = [i for i, (_, cancel) in enumerate(plan) if not cancel]
+    deadline = time.monotonic() + 5  # far beyond the 250 ms the plan spans
+    while len(fired) < len(kept) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.02)
+    engine.close()
+    assert sorted(fired) == kept
+    dues = [start + plan[i][0] for i in fired]  # as the engine sees them (floats add)
+    assert dues == sorted(dues)
+
+
+def test_the_engine_thread_leaves_when_idle_and_comes_back() -> None:
+    engine = Engine()
+    hit = threading.Event()
+    engine.call_at(time.monotonic() + 0.01, hit.set)
+    assert hit.wait(5)
+    deadline = time.monotonic() + 5
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.running
+    again = threading.Event()
+    engine.call_at(time.monotonic(), again.set)
+    assert again.wait(5)
+    engine.close()
+
+
+def test_a_deadline_never_fires_after_its_block_in_a_worker_thread() -> None:
+    """300 scopes in a tight loop in a thread, each ending right at its deadline: a raise requested
+    as the block ends must not surface in the code after it."""
+    escaped: list[BaseException] = []
+
+    def work() -> None:
+        for _ in range(300):
+            try:
+                with timeout(1e-4):
+                    end = time.monotonic() + 1e-4
+                    while time.monotonic() < end:
+                        pass
+            except CellTimeout:
+                pass
+            try:
+                for _ in range(2000):  # plenty of bytecodes for a late raise to land in
+                    pass
+            except BaseException as exc:  # noqa: BLE001 - that is the failure being tested for
+                escaped.append(exc)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive() and escaped == []
+
+
+def test_nothing_is_left_behind_after_close(no_leaks: None) -> None:
+    process = psutil.Process()
+    fds = process.num_fds()
+    jobs = [background(lambda i=i: i, show=False) for i in range(300)]
+    for job in jobs[::2]:
+        job.cancel()
+    for job in jobs:
+        try:
+            job.result(30)
+        except BaseException:  # noqa: BLE001 - cancelled ones raise; all that matters is they ended
+            pass
+    for _ in range(5):
+        with pytest.raises(CellTimeout, match="mode: process"):
+            run_with_timeout(time.sleep, 0.05, 5, mode="process")
+        with pytest.raises(CellTimeout, match="mode: signal"):
+            with timeout(0.01):
+                time.sleep(5)
+    assert all(job.done() for job in jobs)
+    Runtime.current().close()
+    assert process.num_fds() <= fds, f"file descriptors: {fds} before, {process.num_fds()} after"
+    assert not os.waitpid(-1, os.WNOHANG)[0] if psutil.Process().children() else True
