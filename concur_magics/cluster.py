@@ -570,13 +570,16 @@ def run_remote(
             value = asyncio.run(cell.run_async(namespace))
         else:
             value = cell.run(namespace)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and friends must not reach the worker
         # Format here, where the frames are; the lines travel with the exception's __dict__.
+        carried = exc if isinstance(exc, Exception) else RemoteExit(exc)
         try:
-            exc._concur_traceback = format_traceback(exc, relabel={filename: label} if label else None)  # type: ignore[attr-defined]
+            carried._concur_traceback = format_traceback(exc, relabel={filename: label} if label else None)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - the exception itself still goes back
             pass
-        raise
+        if carried is exc:
+            raise
+        raise carried from None
     finally:
         sys.stdout.flush()
         _JOB.reset(reset)
@@ -588,6 +591,18 @@ def run_remote(
 
 
 _MISSING = object()
+
+
+class RemoteExit(Exception):
+    """``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit`` raised by a cell on a Dask worker,
+    carried back as an ordinary exception so it ends the job and never the worker."""
+
+    def __init__(self, exc: BaseException | str) -> None:
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}".rstrip(": ")
+        super().__init__(f"{text} (raised by the cell on the Dask worker)")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemoteExit, (self.args[0].rsplit(" (raised by", 1)[0],))
 
 
 def _remember_source(filename: str, source: str) -> None:

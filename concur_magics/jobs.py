@@ -400,6 +400,8 @@ class Job:
     def _complete(self, status: str, value: Any, error: BaseException | None) -> None:
         if status == "cancelled":
             self._future.cancel()
+            # Moves it on to "cancelled and notified", which is what concurrent.futures.wait sees.
+            self._future.set_running_or_notify_cancel()
         else:
             self._future.set_running_or_notify_cancel()
             if error is not None:

@@ -80,7 +80,7 @@ class WorkerPool:
             if need:
                 thread.start()
                 continue
-            if self._more.wait(IDLE_LINGER):
+            if self._more.wait(IDLE_LINGER) and not self._closed:
                 self._more.clear()
                 continue
             with self._lock:

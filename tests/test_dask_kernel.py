@@ -63,6 +63,19 @@ def test_remote_output_and_traceback_land_in_their_own_cell(dask_kernel: Kernel)
     assert value(dask_kernel, "chatty.status") == "'error'"
 
 
+@pytest.mark.parametrize("code", ["import sys\nsys.exit(3)", "raise KeyboardInterrupt"])
+def test_an_exit_on_a_worker_ends_the_job_not_the_worker(dask_kernel: Kernel, code: str) -> None:
+    cell = run(dask_kernel, f"%%background --dask -o exiting\n{code}")
+    assert cell.status == "ok", cell.text
+    dask_kernel.wait_until(lambda: value(dask_kernel, "exiting.done()") == "True", WITHIN, "the job to end")
+    assert value(dask_kernel, "exiting.status") == "'error'"
+    name = "SystemExit" if "exit" in code else "KeyboardInterrupt"
+    dask_kernel.wait_until(lambda: name in cell.text, WITHIN, "the exit in the job's cell")
+    after = run(dask_kernel, "%%background --dask -o fine\n6 * 7")
+    dask_kernel.wait_until(lambda: value(dask_kernel, "fine.done()") == "True", WITHIN, "the next job")
+    assert value(dask_kernel, "fine.result()") == "42", after.text
+
+
 def test_jobs_chain_on_the_cluster(dask_kernel: Kernel) -> None:
     run(dask_kernel, "%%background --dask -o first\nimport time\ntime.sleep(0.5)\n'A'")
     run(dask_kernel, "%%background --dask -o second\npart = first\npart + 'B'")

@@ -81,12 +81,12 @@ def test_children_registry_holds_the_child_while_it_runs_and_kill_all_stops_it(f
     assert value(fresh_kernel, "[hasattr(process, n) for n in ('kill_all', '_live')]") == "[False, False]"
 
 
-def test_the_extension_owns_one_registry_and_unload_kills_through_it(fresh_kernel: Kernel) -> None:
+def test_the_owner_holds_one_registry_and_unload_kills_through_it(fresh_kernel: Kernel) -> None:
     code = (
         "import threading, time\n"
         "import concur_magics.process as process\n"
-        "from concur_magics.lifetime import Extension\n"
-        "ext = Extension._loaded[id(get_ipython())]\n"
+        "from concur_magics.runtime import Runtime\n"
+        "ext = Runtime.current()\n"
         "failed = []\n"
         "def go():\n"
         "    try:\n"
