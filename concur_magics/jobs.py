@@ -35,7 +35,7 @@ from .deadlines import CellTimeout
 if TYPE_CHECKING:
     from .output import CellOutput
 
-__all__ = ["CellActivity", "Job", "JobStopped", "JobTable", "wait_for_jobs", "wait_for_jobs_async"]
+__all__ = ["CellActivity", "Job", "JobStopped", "JobTable", "loop_timer", "wait_for_jobs", "wait_for_jobs_async"]
 
 _FINAL = {"done", "error", "cancelled", "timeout"}
 # Seconds from a stop request (cancel, deadline) to the job being settled even if its code caught
@@ -55,6 +55,50 @@ class Cancellable(Protocol):
 # A driver's timer: call_later(seconds, fn) -> something with cancel(). Loop drivers use the loop's
 # own timers; thread and Dask drivers use the deadline engine's one thread.
 Timer = Callable[[float, Callable[[], None]], Any]
+
+
+def loop_timer(loop: asyncio.AbstractEventLoop) -> Timer:
+    """A :data:`Timer` on ``loop`` that may be called from any thread.
+
+    ``loop.call_later`` may only be called on the loop's own thread; a stop requested from another
+    thread (a thread job cancelling a loop job, shutdown) arms its timer through the loop's one
+    thread-safe door instead.
+    """
+
+    def timer(seconds: float, fn: Callable[[], None]) -> Cancellable:
+        from . import compat
+
+        if compat.loop_thread_id(loop) == threading.get_ident():
+            return loop.call_later(seconds, fn)
+        return _LoopTimer(loop, seconds, fn)
+
+    return timer
+
+
+class _LoopTimer:
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, fn: Callable[[], None]) -> None:
+        self.loop = loop
+        self.handle: asyncio.TimerHandle | None = None
+        self.cancelled = False
+        try:
+            loop.call_soon_threadsafe(self._arm, seconds, fn)
+        except RuntimeError:  # the loop has closed: nothing will run on it any more
+            self.cancelled = True
+
+    def _arm(self, seconds: float, fn: Callable[[], None]) -> None:
+        if not self.cancelled:
+            self.handle = self.loop.call_later(seconds, fn)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        try:
+            self.loop.call_soon_threadsafe(self._disarm)
+        except RuntimeError:
+            pass
+
+    def _disarm(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 class CellActivity:

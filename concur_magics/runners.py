@@ -26,7 +26,7 @@ from typing import Any
 from . import compat
 from .cells import CompiledCell, compile_cell
 from .deadlines import check_seconds
-from .jobs import Job, JobStopped
+from .jobs import Job, JobStopped, loop_timer
 from .output import CellOutput
 from .runtime import Runtime
 
@@ -225,7 +225,7 @@ def _start_task(runtime: Runtime, job: Job, call: Callable[[], Any], out: CellOu
         task = asyncio.current_task()
         assert task is not None
         # The loop's own timers: a loop job's deadline and stop follow-ups cost no thread.
-        if not job.begin(lambda: loop.call_soon_threadsafe(task.cancel), loop.call_later):
+        if not job.begin(lambda: loop.call_soon_threadsafe(task.cancel), loop_timer(loop)):
             return
         status, value, error = "done", None, None  # type: tuple[str, Any, BaseException | None]
         try:

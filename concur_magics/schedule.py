@@ -26,7 +26,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from .cells import compile_cell
 from .deadlines import check_seconds
-from .jobs import Job
+from .jobs import Job, loop_timer
 from .output import CellOutput
 from .runtime import Runtime
 
@@ -281,7 +281,7 @@ class _Schedule:
 
     def start(self) -> None:
         aio: asyncio.AbstractEventLoop = self.loop.asyncio_loop  # type: ignore[attr-defined]
-        if not self.job.begin(self.interrupt, aio.call_later):
+        if not self.job.begin(self.interrupt, loop_timer(aio)):
             return
         self.runtime.activity.on_start.add(self.cell_started)
         self.loop.add_callback(self.tick)

@@ -269,3 +269,14 @@ def test_background_launch_is_cheap(kernel: Kernel) -> None:
     # Generous: proves launching does not wait for the job; the benchmark reports the figure.
     assert float(value(kernel, "launch_ms")) < 20
     run(kernel, "%jobs wait", timeout=SOON)
+
+
+def test_a_loop_job_that_swallows_cancellation_is_stopped_from_another_thread(kernel: Kernel) -> None:
+    run(kernel, "%%background -o deaf\nimport asyncio\nwhile True:\n    try:\n        await asyncio.sleep(1)\n"
+                "    except asyncio.CancelledError:\n        pass")
+    kernel.wait_until(lambda: value(kernel, "deaf.status") == "'running'", SOON, "the loop job to run")
+    # A thread job stops it: its stop follow-ups must reach the loop through its thread-safe door.
+    run(kernel, "%%background -o stopper\nimport time\ntime.sleep(0.2)\ndeaf.cancel()")
+    assert ended(kernel, "deaf") == "cancelled"
+    assert float(value(kernel, "deaf.elapsed")) < 10
+    assert value(kernel, "stopper.result()") == "True"
