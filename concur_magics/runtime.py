@@ -77,13 +77,23 @@ class Runtime:
 
     @classmethod
     def activate(cls, shell: Any) -> Runtime:
-        """Make a runtime for ``shell`` the current one (``%load_ext``); close an API-made one."""
+        """Make a runtime for ``shell`` the current one (``%load_ext``).
+
+        One the API made earlier in this process (jobs started before the extension was loaded) is
+        adopted, not closed, so its jobs go on.
+        """
         with cls._current_lock:
-            previous, cls._current = cls._current, Runtime(shell)
-            runtime = cls._current
-        if previous is not None:
-            previous.close()
-        return runtime
+            current = cls._current
+            if current is not None and not current.closed and current.shell in (None, shell):
+                current.shell = shell
+                if current.loop is None:
+                    try:
+                        current.loop = asyncio.get_running_loop()
+                    except RuntimeError:
+                        pass
+                return current
+            cls._current = Runtime(shell)
+            return cls._current
 
     @classmethod
     def deactivate(cls, runtime: Runtime) -> None:

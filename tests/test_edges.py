@@ -280,3 +280,12 @@ def test_a_loop_job_that_swallows_cancellation_is_stopped_from_another_thread(ke
     assert ended(kernel, "deaf") == "cancelled"
     assert float(value(kernel, "deaf.elapsed")) < 10
     assert value(kernel, "stopper.result()") == "True"
+
+
+def test_jobs_started_before_the_extension_loads_go_on(fresh_kernel: Kernel) -> None:
+    run(fresh_kernel, "%unload_ext concur_magics")
+    run(fresh_kernel, "import concur_magics, time\nearly = concur_magics.background(lambda: time.sleep(1.5) or 'early')")
+    assert run(fresh_kernel, "%load_ext concur_magics").status == "ok"
+    assert ended(fresh_kernel, "early") == "done"
+    assert value(fresh_kernel, "early.result()") == "'early'"
+    assert value(fresh_kernel, "concur_magics.runtime.Runtime.current().jobs.find(str(early.id)) is early") == "True"
