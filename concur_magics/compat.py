@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["absorb", "async_raise", "execution", "handled_exception", "loop_thread_id"]
+__all__ = ["absorb", "async_raise", "execution", "publish_error", "handled_exception", "loop_thread_id"]
 
 
 def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
@@ -91,6 +91,32 @@ def execution(shell: Any) -> tuple[str | None, str | None]:
     cell = parent.get("metadata", {}).get("cellId")
     request = parent.get("header", {}).get("msg_id")
     return (str(cell) if cell else None), (str(request) if request else None)
+
+
+def publish_error(shell: Any, etype: type[BaseException], evalue: BaseException, stb: list[str]) -> None:
+    """Show a job's traceback (``stb``) in its cell without touching the running cell's outcome.
+
+    ipykernel's ``ZMQInteractiveShell._showtraceback`` (7.x) marks *the execute request running
+    now* as failed when the displayhook is publishing a result at that moment (the shell-global
+    ``_last_traceback_during_displayhook``): a job failing in another thread would fail a foreground
+    cell at random. So we send the same ``error`` message it sends, through the displayhook's
+    ``session`` and ``pub_socket``, with its per-context ``parent_header`` (ipykernel 6.x-7.4).
+    Without those (a terminal IPython), the shell's own ``_showtraceback`` prints it.
+    """
+    display_hook = shell.displayhook
+    session = getattr(display_hook, "session", None)
+    socket = getattr(display_hook, "pub_socket", None)
+    if session is None or socket is None:
+        shell._showtraceback(etype, evalue, stb)
+        return
+    from ipykernel.jsonutil import json_clean
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    topic = getattr(display_hook, "topic", None)
+    content = {"traceback": stb, "ename": etype.__name__, "evalue": str(evalue)}
+    session.send(socket, "error", json_clean(content), display_hook.parent_header,
+                 ident=topic.replace(b"execute_result", b"error") if topic else None)
 
 
 def main_thread_id() -> int:

@@ -50,6 +50,9 @@ MAX_SECONDS = 2_147_483.0
 REPEAT = 1.0
 # Seconds an idle engine thread waits for a new deadline before it leaves.
 LINGER = 1.0
+# Seconds after a task's deadline by which its loop should have run the deadline's timer; if it
+# has not, the loop is blocked (the task computes) and the engine interrupts the task itself.
+LOOP_SLACK = 0.005
 
 _STEPS = {
     "raised": "CellTimeout was raised in the running Python code",
@@ -58,8 +61,8 @@ _STEPS = {
     "worker": "the Dask task was cancelled and the worker process running it was killed",
     "overdue": "the job was interrupted, but its code caught that and is still running (it is "
     "interrupted again every second); the job was ended without it",
-    "overran": "the work could not be interrupted (C code holding the interpreter, or code that "
-    "caught CellTimeout) and was stopped only when it returned",
+    "overran": "the work was not interrupted before the deadline (a limit shorter than the work, "
+    "C code holding the interpreter, or code that caught CellTimeout) and failed when it returned",
 }
 
 
@@ -260,8 +263,9 @@ class Engine:
                 continue
             if scope.task is not None and _current_task() is not scope.task:
                 continue  # the loop or another task runs: the loop's timer handles that task
-            if _handling_timeout(sys.exc_info()[1]):
-                return  # cleanup after a CellTimeout runs undisturbed
+            handling = sys.exc_info()[1]
+            if _handling_timeout(handling) or isinstance(handling, asyncio.CancelledError):
+                return  # cleanup after a CellTimeout (or the deadline's cancel) runs undisturbed
             scope.raised += 1
             raise scope.error("raised")
 
@@ -307,7 +311,9 @@ class Scope:
         if self.task is not None:
             loop = self.task.get_loop()
             self._handle = loop.call_at(loop.time() + self.limit, self._cancel_task)
-            first = self.deadline + self.grace  # the loop's timer comes first; this is the backstop
+            # The loop's timer comes first; the engine steps in only if the loop could not run it
+            # (the task is computing and blocks the loop).
+            first = self.deadline + LOOP_SLACK
         else:
             first = self.deadline
         self._entries.append(self.engine.call_at(first, self._fire))
@@ -348,16 +354,23 @@ class Scope:
             self.step = "cancelled"
             self.task.cancel(msg="concur_magics deadline")
 
-    def _fire(self) -> None:
+    def _fire(self, again: bool = False) -> None:
         """On the engine's thread: stop the work, then remind and repeat while it runs on."""
         with self.lock:
             if not self.active:
                 return
             self.expired = True
-            if self.task is not None:
-                # The loop's timer may not have run (a blocked loop) or the task swallowed it.
+            if self.task is None:
+                self._interrupt()
+            elif self.step != "cancelled":
+                # The loop's timer has not run: the task computes, blocking the loop. Interrupt it,
+                # and cancel it when it next awaits.
                 self.task.get_loop().call_soon_threadsafe(self._cancel_task)
-            if self.task is None or _loop_is_main(self.task):
+                if _loop_is_main(self.task):
+                    self._interrupt()
+            elif again and _loop_is_main(self.task):
+                # Cancelled once, as asyncio.timeout does: a task may run cleanup that awaits, so it
+                # is not cancelled again; if it computes past the deadline, it is interrupted.
                 self._interrupt()
         delay = REPEAT if self._noticed else self.grace
         self._entries.append(self.engine.call_at(time.monotonic() + delay, self._remind))
@@ -368,7 +381,7 @@ class Scope:
                 return
         if not self._noticed:
             self._notice()
-        self._fire()
+        self._fire(again=True)
 
     def _interrupt(self) -> None:
         # Caller holds self.lock and has checked self.active.
@@ -427,6 +440,15 @@ def _handling_timeout(exc: BaseException | None) -> bool:
 
 
 def _late_notice(scope: Scope, late: float) -> None:
+    if scope.task is not None and scope.step == "cancelled":
+        print(
+            f"\n[concur_magics] the cell's task was cancelled at the {scope.limit:g} s deadline and "
+            f"is still running {late:.1f} s later (cleanup that awaits, or code that caught the "
+            "cancellation); it is not cancelled again.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     if _handling_timeout(compat.handled_exception(scope.thread_id)):
         print(
             f"\n[concur_magics] the {scope.limit:g} s deadline has passed; the code is running its "

@@ -483,7 +483,8 @@ class Job:
     # ------------------------------------------------------------------ reprs
     def __repr__(self) -> str:
         timing = f" {self.elapsed:.1f} s" if self._started is not None else ""
-        return f"<Job {self.label} [{self.mode}] {self.status}{timing}: {self.first_line}>"
+        note = f" ({self.note})" if self.note else ""
+        return f"<Job {self.label} [{self.mode}] {self.status}{timing}: {self.first_line}{note}>"
 
     def _repr_html_(self) -> str:
         colour = _COLOURS.get(self.status, "#555")

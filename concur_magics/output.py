@@ -64,9 +64,12 @@ class CellOutput:
         self.run(self._publish_error, error)
 
     def _publish_error(self, error: BaseException) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.shell.showtraceback((type(error), error, error.__traceback__))
+        from . import compat
+
+        etype, tb = type(error), error.__traceback__
+        render = getattr(error, "_render_traceback_", None)  # IPython's hook: lines made elsewhere
+        stb = render() if render is not None else self.shell.InteractiveTB.structured_traceback(etype, error, tb)
+        compat.publish_error(self.shell, etype, error, stb)
 
     def write(self, name: str, text: str) -> None:
         """Write ``text`` to the cell's ``stdout`` or ``stderr``."""

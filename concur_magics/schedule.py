@@ -277,10 +277,13 @@ class _Schedule:
         self.value: Any = None
         self.run: asyncio.Future[Any] | None = None  # the run in progress, if any
         self.skipped_run = False  # the run in progress was cut short by a foreground cell
+        self.interval = interval
+        self.last_tick: float | None = None
         self.periodic = PeriodicCallback(self.tick, interval * 1000)
 
     def start(self) -> None:
         aio: asyncio.AbstractEventLoop = self.loop.asyncio_loop  # type: ignore[attr-defined]
+        self.job._loop = aio  # result() on the loop the runs need would block them forever
         if not self.job.begin(self.interrupt, loop_timer(aio)):
             return
         self.runtime.activity.on_start.add(self.cell_started)
@@ -310,6 +313,11 @@ class _Schedule:
     def tick(self) -> None:
         if self.job.done() or self.job._stopping is not None:
             return
+        now = time.monotonic()
+        if self.last_tick is not None:
+            # Runs that could not even be scheduled (a cell blocked the loop) count as skipped too.
+            self.job.skipped += max(0, int((now - self.last_tick) / self.interval + 0.5) - 1)
+        self.last_tick = now
         if (self.run is not None and not self.run.done()) or not self.runtime.activity.quiet():
             self.job.skipped += 1
             return
