@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import signal
 import sys
 import threading
@@ -60,6 +61,7 @@ class Runtime:
         self.cluster = Cluster()
         self.workers = WorkerPool()
         self.closed = False
+        self.pid = os.getpid()
         self._lock = threading.Lock()
         self._previous_handler: Any = None
         if threading.current_thread() is threading.main_thread():
@@ -69,11 +71,17 @@ class Runtime:
 
     @classmethod
     def current(cls) -> Runtime:
-        """The runtime of the loaded extension, or one made now for API use outside IPython."""
+        """The runtime of the loaded extension, or one made now for API use outside IPython.
+
+        In a forked child (process mode) the parent's runtime is a copy whose threads do not exist
+        here; the child gets a runtime of its own.
+        """
         with cls._current_lock:
-            if cls._current is None or cls._current.closed:
-                cls._current = Runtime()
-            return cls._current
+            current = cls._current
+            if current is None or current.closed or current.pid != os.getpid():
+                shell = current.shell if current is not None and not current.closed else None
+                current = cls._current = Runtime(shell)
+            return current
 
     @classmethod
     def activate(cls, shell: Any) -> Runtime:

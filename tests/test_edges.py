@@ -314,3 +314,16 @@ def test_failing_jobs_never_fail_the_cell_that_is_running(kernel: Kernel) -> Non
     statuses = [run(kernel, f"{i} * 2").status for i in range(80)]
     assert statuses == ["ok"] * 80
     run(kernel, "%jobs wait", timeout=SOON)
+
+
+def test_a_deadline_inside_a_process_mode_cell_works(kernel: Kernel) -> None:
+    # The forked child gets an owner of its own: the parent's deadline thread does not exist there.
+    # A job with a deadline keeps that thread busy in the parent while the child is forked.
+    run(kernel, "%%background --timeout 30 -o keeper\nimport time\ntime.sleep(4)")
+    cell = run(kernel, "%%timeout 20 --mode process\nfrom concur_magics import timeout, CellTimeout\nimport time\n"
+                       "started = time.monotonic()\ntry:\n    with timeout(0.2):\n        time.sleep(10)\n    inner = 'not stopped'\n"
+                       "except CellTimeout:\n    inner = 'stopped'\ninner_took = time.monotonic() - started")
+    assert cell.status == "ok", cell.text
+    assert value(kernel, "inner") == "'stopped'"
+    assert float(value(kernel, "inner_took")) < 5  # generous; the sleep it stopped was 10 s
+    assert ended(kernel, "keeper") == "done"
