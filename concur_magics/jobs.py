@@ -158,6 +158,10 @@ class Job:
         For ``%%every`` jobs: runs skipped because a cell was executing or a run was still going.
     note:
         Set when the job settled while its code was still running (it caught the stop).
+    open_ended:
+        True for a schedule with no end of its own (``%%every`` without ``--times``).
+    cell, run:
+        Which cell started the job and which run of it (see :func:`concur_magics.background`).
     """
 
     _ids = itertools.count(1)
@@ -172,9 +176,11 @@ class Job:
         limit: float | None = None,
         cell: str | None = None,
         run: str | None = None,
+        open_ended: bool = False,
     ) -> None:
         self.id = next(self._ids)
         self.run = run
+        self.open_ended = open_ended
         self.name = name
         self.mode = mode
         self.source = source
@@ -229,11 +235,6 @@ class Job:
     def first_line(self) -> str:
         lines = [line for line in self.source.strip().splitlines() if line.strip()]
         return lines[0] if lines else ""
-
-    @property
-    def open_ended(self) -> bool:
-        """True for a schedule with no end of its own (``%%every`` without ``--times``)."""
-        return self.mode == "every" and getattr(self, "times", None) is None
 
     # ------------------------------------------------------------------ future API
     def done(self) -> bool:
@@ -555,11 +556,19 @@ class JobTable:
         with self._lock:
             return list(self._running.values())
 
-    def of_cell(self, cell: str | None, run: str | None = None) -> list[Job]:
-        """Jobs still running that an earlier run (not ``run``) of ``cell`` started."""
-        if cell is None:
+    def of_earlier_runs(self, job: Job) -> list[Job]:
+        """Jobs still running that an earlier run of ``job``'s cell started."""
+        if job.cell is None:
             return []
-        return [job for job in self.running() if job.cell == cell and (run is None or job.run != run)]
+        return [
+            other for other in self.running()
+            if other is not job and other.cell == job.cell and (job.run is None or other.run != job.run)
+        ]
+
+    def endable(self) -> tuple[list[Job], list[Job]]:
+        """Running jobs that can end by themselves, and open-ended schedules (which never will)."""
+        running = self.running()
+        return [job for job in running if not job.open_ended], [job for job in running if job.open_ended]
 
     def find(self, key: str) -> Job:
         """The job with this id (``3`` or ``#3``) or name (the newest job of that name).

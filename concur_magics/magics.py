@@ -263,7 +263,6 @@ class ConcurMagics(Magics):
             raise UsageError(f"--dask and --mode {args.mode} contradict each other\n{usage}")
         self._sync_cluster()
         key, run = self._cell_key(line, cell)
-        earlier = self.runtime.jobs.of_cell(key, run)
         try:
             job = runners.background(
                 cell, name=args.name, mode="dask" if args.dask else args.mode, timeout=args.timeout,
@@ -271,11 +270,6 @@ class ConcurMagics(Magics):
             )
         except ConnectionError as exc:
             raise UsageError(str(exc)) from None
-        for old in earlier:
-            # A rerun never loses the earlier job without a word; it keeps running (it may hold
-            # work the user wants), and this says how to stop it.
-            print(f"{old.label} from an earlier run of this cell is still running "
-                  f"({old.elapsed:.1f} s); %jobs cancel {old.id} stops it")
         if args.out is not None:
             self._namespace[args.out] = job
 
@@ -356,12 +350,9 @@ class ConcurMagics(Magics):
             raise UsageError(f"--timeout goes with %jobs wait\n{usage}")
         targets = [self._find_job(key, usage) for key in args.jobs]
         if args.action == "wait" and not args.jobs:
-            running = self.runtime.jobs.running()
-            targets = [job for job in running if not job.open_ended]
-            endless = [job.label for job in running if job.open_ended]
+            targets, endless = self.runtime.jobs.endable()
             if endless:
-                # They would never end: waiting for them would hang the notebook.
-                print(f"not waiting for open-ended schedules: {', '.join(endless)} "
+                print(f"not waiting for open-ended schedules: {', '.join(job.label for job in endless)} "
                       "(name them to wait, or %jobs cancel them)")
         return args, targets
 
@@ -505,14 +496,6 @@ class ConcurMagics(Magics):
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"-o needs a variable name, got {args.out!r}\n{usage}")
         key, run = self._cell_key(line, cell)
-        replaced = [
-            job for job in self.runtime.jobs.running()
-            if job.mode == "every" and job.run != run and (job.cell == key or (args.name and job.name == args.name))
-        ]
-        for old in replaced:
-            # A rerun of a schedule means "this schedule, changed": the old one must not run on.
-            old.cancel()
-            print(f"replaced schedule {old.label}: cancelled")
         job = schedule.every(
             cell, args.interval, times=args.times, name=args.name, shell=self.shell,
             namespace=self._namespace, first_line=2, cell=key, run=run,

@@ -95,18 +95,24 @@ def background(
 
         if not isinstance(work, str):
             raise TypeError("dask mode runs cell source; submit callables with the Dask client")
-        return background_dask(
+        job = background_dask(
             runtime, work, name=name, timeout=timeout, shell=shell, namespace=namespace,
             first_line=first_line, cell=cell, run=run,
         )
-    call, is_async, source = _as_callable(work, shell, namespace, first_line)
-    mode = mode or ("loop" if is_async else "thread")
-    out = CellOutput(shell if show else None)
-    job = runtime.jobs.add(Job(source, mode, name, out=out, limit=timeout, cell=cell, run=run))
-    if mode == "thread":
-        _start_thread(runtime, job, call, is_async, out)
     else:
-        _start_task(runtime, job, call, out)
+        call, is_async, source = _as_callable(work, shell, namespace, first_line)
+        mode = mode or ("loop" if is_async else "thread")
+        out = CellOutput(shell if show else None)
+        job = runtime.jobs.add(Job(source, mode, name, out=out, limit=timeout, cell=cell, run=run))
+        if mode == "thread":
+            _start_thread(runtime, job, call, is_async, out)
+        else:
+            _start_task(runtime, job, call, out)
+    for old in runtime.jobs.of_earlier_runs(job):
+        # A rerun never loses the earlier job without a word; it keeps running (it may hold work
+        # the user wants), and this says how to stop it.
+        print(f"{old.label} from an earlier run of this cell is still running "
+              f"({old.elapsed:.1f} s); %jobs cancel {old.id} stops it")
     return job
 
 

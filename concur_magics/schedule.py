@@ -244,7 +244,8 @@ def every(
     in ``skipped``), so a foreground cell never edits the namespace under a half-done run. The job
     ends after ``times`` runs (status ``done``, its value the last run's), when cancelled, or at
     the first exception (status ``error``, traceback shown in the cell) — ``SystemExit`` and
-    ``KeyboardInterrupt`` included.
+    ``KeyboardInterrupt`` included. A schedule started by an earlier run of the same cell, or with
+    the same ``name``, is replaced: cancelled, with a line saying so.
 
     Raises
     ------
@@ -258,8 +259,15 @@ def every(
     ns = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
     compiled = compile_cell(source, shell=shell, first_line=first_line)
     out = CellOutput(shell)
-    job = runtime.jobs.add(Job(source, "every", name, out=out, cell=cell, run=run))
-    job.times = times  # type: ignore[attr-defined]
+    job = Job(source, "every", name, out=out, cell=cell, run=run, open_ended=times is None)
+    replaced = [old for old in runtime.jobs.of_earlier_runs(job) if old.mode == "every"]
+    replaced += [old for old in runtime.jobs.running()
+                 if old.mode == "every" and name and old.name == name and old not in replaced]
+    for old in replaced:
+        # A rerun of a schedule (or one of the same name) means "this schedule, changed".
+        old.cancel()
+        print(f"replaced schedule {old.label}: cancelled")
+    runtime.jobs.add(job)
     _Schedule(runtime, job, compiled, ns, out, interval, times).start()
     return job
 
