@@ -12,6 +12,7 @@ server per UI and one Chromium, whatever the number of tests.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -71,14 +72,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def kernel_environment(root: Path) -> dict[str, str]:
-    """The server's environment, which its kernels inherit.
+def server_environment(root: Path) -> dict[str, str]:
+    """The environment for a server on ``root`` (its kernels inherit it).
+
+    Settings and workspaces live under ``root``, so a user's own JupyterLab settings or a workspace
+    restored from an earlier run can't change the page; the settings turn off the news prompt, a
+    toast that would sit over the screenshots.
 
     ``PYTEST_CURRENT_TEST`` is left out: ipykernel does not capture file descriptors 1 and 2 when
     it is set, so a subprocess's output would reach the server's log instead of the notebook,
     unlike in real use.
     """
-    env = {**os.environ, "IPYTHONDIR": str(root / ".ipython"), "JUPYTER_PLATFORM_DIRS": "1"}
+    settings = root / ".lab-settings"
+    notification = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    env = {**os.environ, "IPYTHONDIR": str(root / ".ipython"), "JUPYTER_PLATFORM_DIRS": "1",
+           "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(root / ".lab-workspaces")}
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
 
@@ -95,7 +105,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         [sys.executable, "-m", ui.module, "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
          f"--ServerApp.port={port}", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
          "--ServerApp.shutdown_no_activity_timeout=0", *ui.extra_args],
-        stdout=log, stderr=log, env=kernel_environment(root),
+        stdout=log, stderr=log, env=server_environment(root),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -165,8 +175,8 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
 class Notebook:
     """A notebook opened in a page of either UI, read through its DOM.
 
-    Cells are counted among code cells of the notebook on screen only: a restored JupyterLab
-    workspace may hold other notebooks in hidden tabs.
+    Cells are counted among code cells of the notebook on screen only: JupyterLab reopens, in
+    hidden tabs, the notebooks that earlier pages of the same server had open.
     """
 
     PANEL = ".jp-NotebookPanel:visible"

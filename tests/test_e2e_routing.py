@@ -82,7 +82,7 @@ def seen(server: Server, browser: Any, shots: Path) -> Iterator[Seen]:
     name = "routing.ipynb"
     write_notebook(server.root / name, "python3", "Python 3 (ipykernel)", CELLS)
     # Tall enough to keep every cell on screen: the UIs may stop rendering cells scrolled away.
-    nb = Notebook.open(browser, server, name, "Python 3 (ipykernel)", viewport=(1200, 1700))
+    nb = Notebook.open(browser, server, name, "Python 3 (ipykernel)", viewport=(1200, 1600))
     record = Seen(server.ui)
     try:
         nb.run_all()
