@@ -13,7 +13,8 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["absorb", "async_raise", "execution", "publish_error", "handled_exception", "loop_thread_id"]
+__all__ = ["absorb", "async_raise", "execution", "fd_watcher", "handled_exception", "iopub_loop", "kernel_stream_class",
+           "loop_thread_id", "publish_error"]
 
 
 def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
@@ -121,3 +122,76 @@ def publish_error(shell: Any, etype: type[BaseException], evalue: BaseException,
 
 def main_thread_id() -> int:
     return threading.main_thread().ident or 0
+
+
+def iopub_loop(shell: Any) -> Any:
+    """The Tornado IOLoop of ipykernel's IOPub thread (it runs while a cell blocks the main thread).
+
+    ``kernel.iopub_thread.io_loop`` (ipykernel 6-7.4, public attributes but undocumented). Missing
+    (a terminal IPython): None, and callers show nothing that needs refreshing.
+    """
+    iopub = getattr(getattr(shell, "kernel", None), "iopub_thread", None)
+    return getattr(iopub, "io_loop", None)
+
+
+def kernel_stream_class(stream: Any) -> type | None:
+    """ipykernel's ``OutStream`` class if ``stream`` is one (``sys.stdout`` in a kernel), else None.
+
+    Its ``write(text)`` is the one way text enters it, ``name`` says ``"stdout"`` or ``"stderr"``
+    (ipykernel 6-7.4).
+    """
+    try:
+        from ipykernel.iostream import OutStream
+    except ImportError:  # pragma: no cover - ipykernel is a dependency
+        return None
+    return type(stream) if isinstance(stream, OutStream) else None
+
+
+def fd_watcher(stream: Any) -> threading.Thread | None:
+    """The thread in which ipykernel passes on what was written to file descriptor 1 or 2.
+
+    ``OutStream.watch_fd_thread`` (ipykernel 6-7.4, private; set when the stream captures its fd,
+    which ipykernel skips under pytest). Missing: None, and such writes are not told apart.
+    """
+    thread = getattr(stream, "watch_fd_thread", None)
+    return thread if isinstance(thread, threading.Thread) else None
+
+
+def parent_header(shell: Any) -> dict[str, Any]:
+    """The parent header output gets in the calling context (the request of the cell it belongs to).
+
+    ``OutStream.parent_header`` (ipykernel 6-7.4: per context since 7). Outside a kernel: ``{}``.
+    """
+    header = getattr(sys.stdout, "parent_header", None)
+    return dict(header) if isinstance(header, dict) else {}
+
+
+def _publishers(shell: Any) -> list[Any]:
+    return [obj for obj in (sys.stdout, sys.stderr, getattr(shell, "display_pub", None),
+                            getattr(shell, "displayhook", None)) if hasattr(obj, "set_thread_parent")]
+
+
+def tag_parent_header(shell: Any, key: str, value: Any) -> None:
+    """Add ``key: value`` to the parent header of everything the calling context sends.
+
+    ipykernel 7's public ``set_thread_parent`` on its streams, display publisher and display hook
+    (per context). Missing (ipykernel 6): nothing is tagged, and a job's output is routed by its
+    context alone (not into its log, and not moved by a rerun).
+    """
+    for publisher in _publishers(shell):
+        header = publisher.parent_header
+        if isinstance(header, dict) and "msg_id" in header:  # no request, no cell to route to
+            publisher.set_thread_parent({**header, key: value})
+
+
+def tag_unowned(key: str) -> None:
+    """Mark the parent header that ipykernel's streams give writers no context names (the thread
+    that reads file descriptors 1 and 2, threads started outside any job).
+
+    ``OutStream._parent_header_global`` (private; ipykernel 7.0-7.4), set by each request's
+    ``set_parent``: call after it (a ``pre_execute`` handler). Missing: nothing is marked.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        header = getattr(stream, "_parent_header_global", None)
+        if isinstance(header, dict) and header:
+            stream._parent_header_global = {**header, key: True}  # type: ignore[union-attr]
