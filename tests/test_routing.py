@@ -200,9 +200,16 @@ def test_unloading_takes_every_patch_and_the_relay_away(fresh_kernel: Kernel) ->
                            "    subprocess.run(['echo', 'x'])")
     finished(fresh_kernel, "relayed")
     fds = value(fresh_kernel, "len(os.listdir('/proc/self/fd'))")
+    # A grandchild that keeps the pipe open (a shell's background job) keeps the relay reading...
+    held = job_cell(fresh_kernel, "%%background -n held\nimport subprocess\n"
+                                  "subprocess.run('(sleep 4; echo late) & echo started', shell=True)")
+    finished(fresh_kernel, "held")
+    relay = value(fresh_kernel, "[t.name for t in threading.enumerate() if t.name == 'concur-relay']")
+    assert relay == "['concur-relay']" and "started" in held.stdout, (relay, held.text)
     run(fresh_kernel, "%unload_ext concur_magics")
     unloaded = value(fresh_kernel, probe)
     assert unloaded == "[False, False, False, False, False, False]", unloaded
+    # ...until unload, which stops it and closes what it held.
     threads = value(fresh_kernel, "sorted(t.name for t in threading.enumerate() if t.name.startswith('concur'))")
     assert threads == "[]", threads
     # 300 relayed subprocesses left no pipe behind (a few fds either way: ipykernel's own).
