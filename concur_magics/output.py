@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from .jobs import Job
 
-__all__ = ["LOG_LIMIT", "CellOutput", "OutputLog", "StatusLines", "current_job", "enter_job", "flush_streams", "format_traceback",
-           "with_rendered_traceback", "write_stream"]
+__all__ = ["LOG_LIMIT", "CellOutput", "OutputLog", "StatusLines", "current_job", "enter_job", "flush_streams",
+           "format_traceback", "with_rendered_traceback", "write_stream"]
 
 T = TypeVar("T")
 
@@ -106,15 +106,16 @@ class OutputLog:
 
     def add_display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None, kind: str = "display") -> None:
         """Record a display (``kind="value"`` for the job's value)."""
-        size = sum(len(v) if isinstance(v, str) else len(repr(v)) for v in data.values())
-        with self._lock:
-            self._entries.append([kind, dict(data), dict(metadata or {})])
-            self._grow(size)
+        self._add([kind, dict(data), dict(metadata or {})])
 
     def add_error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        self._add(["error", ename, evalue, list(traceback)])
+
+    def _add(self, entry: list[Any]) -> None:
+        size = _entry_size(entry)
         with self._lock:
-            self._entries.append(["error", ename, evalue, list(traceback)])
-            self._grow(sum(map(len, traceback)))
+            self._entries.append(entry)
+            self._grow(size)
 
     def _grow(self, size: int) -> None:
         self._size += size
@@ -334,18 +335,15 @@ class StatusLines:
                 return
             self._timer = PeriodicCallback(self._tick, self.INTERVAL * 1000)
             self._timer.start()
+        self._answered = time.monotonic()  # the main loop is judged from the first ping on
+        self._ping()
 
     def _tick(self) -> None:
         with self._lock:
             self._woken = False
         running = [job for job in self.jobs() if job._began and job._out is not None and job._out.shell is not None]
         if not running:
-            with self._lock:
-                if self._woken:  # a job began since the list was read
-                    return
-                timer, self._timer = self._timer, None
-            if timer is not None and timer is not True:
-                timer.stop()
+            self._stop_timer(unless_woken=True)  # not if a job began since the list was read
             return
         self._check_main_loop()
         for job in sorted(running, key=lambda j: j.id, reverse=True)[: self.MOST]:
@@ -355,19 +353,26 @@ class StatusLines:
         loop = self.main_loop
         if loop is None or loop.is_closed():
             return
-        now = time.monotonic()
-        # The loop answered a ping sent at the last tick (or not: it is blocked).
-        self.held_up = now - self._answered > 1.5 * self.INTERVAL
+        # The loop answered the ping sent at the last tick, or it is blocked.
+        self.held_up = time.monotonic() - self._answered > 1.5 * self.INTERVAL
+        self._ping()
+
+    def _ping(self) -> None:
+        loop = self.main_loop
+        if loop is None or loop.is_closed():
+            return
         try:
             loop.call_soon_threadsafe(self._answer)
-        except RuntimeError:
+        except RuntimeError:  # closed meanwhile
             pass
 
     def _answer(self) -> None:
         self._answered = time.monotonic()
 
-    def _stop_timer(self) -> None:
+    def _stop_timer(self, unless_woken: bool = False) -> None:
         with self._lock:
+            if unless_woken and self._woken:
+                return
             timer, self._timer = self._timer, None
         if timer is not None and timer is not True:
             timer.stop()
