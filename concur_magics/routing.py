@@ -130,13 +130,14 @@ class Routing:
 
     # ------------------------------------------------------------------ messages
     def _on_message(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """A stream or display message about to be sent: a job's goes to the job's home cell and
-        into its log; one whose writer no context names is labelled while jobs run."""
+        """A stream message about to be sent (on the IOPub thread): a job's goes to the job's home
+        cell and into its log; one whose writer no context names is labelled while jobs run."""
         parent = msg.get("parent_header") or {}
         if JOB_KEY in parent:
             job = self.jobs.get(parent[JOB_KEY])
             if job is not None and job._out is not None:
-                self._log(job, msg)
+                content = msg.get("content", {})
+                job.log.add_stream(content.get("name", "stdout"), content.get("text", ""))
                 msg["parent_header"] = job._out.header
             else:
                 msg["parent_header"] = untagged(parent)
@@ -162,15 +163,6 @@ class Routing:
             return job._out.run(original, *args, **kwargs)
 
         return publish
-
-    @staticmethod
-    def _log(job: Job, msg: dict[str, Any]) -> None:
-        content = msg.get("content", {})
-        kind = msg.get("msg_type")
-        if kind == "stream":
-            job.log.add_stream(content.get("name", "stdout"), content.get("text", ""))
-        elif kind == "display_data":
-            job.log.add_display(content.get("data", {}), content.get("metadata"))
 
     def _unowned(self, name: str, text: str) -> str:
         """Text no cell's or job's context wrote (file descriptor 1 or 2, a thread started outside
