@@ -13,7 +13,15 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["absorb", "async_raise", "execution", "publish_error", "handled_exception", "loop_thread_id"]
+__all__ = [
+    "absorb",
+    "async_raise",
+    "execution",
+    "handled_exception",
+    "loop_thread_id",
+    "pickled_away_filename",
+    "publish_error",
+]
 
 
 def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
@@ -121,3 +129,16 @@ def publish_error(shell: Any, etype: type[BaseException], evalue: BaseException,
 
 def main_thread_id() -> int:
     return threading.main_thread().ident or 0
+
+
+def pickled_away_filename(filename: str) -> bool:
+    """Whether ``filename`` is the stand-in cloudpickle gives the code of functions it pickles by
+    value (a notebook's functions, shipped to a Dask worker).
+
+    cloudpickle 3.1+ replaces ``co_filename`` with ``"<dynamic-code>"`` so that its payloads are
+    deterministic (``cloudpickle._code_reduce``; checked on 3.1.3). Frames of such functions on a
+    worker no longer say which cell they come from; the kernel finds out by name and first line.
+    Earlier releases keep the real name: this returns False and the name is used as it is.
+    """
+    return filename == "<dynamic-code>"
+
