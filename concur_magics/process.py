@@ -35,8 +35,9 @@ from typing import Any
 
 from tblib import Traceback
 
-from .child import UnsentText, child_main
-from .output import with_rendered_traceback, write_stream
+from .child import WHERE_SIGNAL, UnsentText, child_main
+from .output import write_stream
+from .tracebacks import Frames, rebuilt_frames, with_rendered_traceback
 from .timeout import CellTimeout
 
 __all__ = [
@@ -54,6 +55,10 @@ __all__ = [
 # far more loosely than the work: a cell that did its job within its limit should not lose its
 # results because they are big.
 COPY_BACK_LIMIT = 60.0
+# Seconds the child has, at its deadline, to say which line it is on before it is killed. A child
+# running Python answers within a millisecond; one stuck in C code never does, and is killed this
+# much later than the deadline.
+WHERE_WAIT = 0.25
 
 
 class NamesNotCopiedWarning(UserWarning):
@@ -331,6 +336,9 @@ def _relay(
         if remaining <= 0 or not conn.poll(remaining):
             if time.monotonic() < deadline:
                 continue
+            frames = None
+            if not copying:
+                frames, last_batch = _ask_where(conn, pid, shell, last_batch)
             children.kill(pid)
             if copying:
                 raise CopyBackTimeout(
@@ -340,7 +348,8 @@ def _relay(
                     "nothing was copied back"
                 )
             _drain(conn, shell, unsent, last_batch)
-            raise CellTimeout(limit, "process", "killed", f"(pid {pid})")
+            # The child's frames at the deadline, so the traceback shows the line it was on.
+            raise CellTimeout(limit, "process", "killed", f"(pid {pid})").with_traceback(rebuilt_frames(frames))
         try:
             kind, *payload = pickle.loads(conn.recv_bytes())
         except EOFError:
@@ -397,6 +406,32 @@ def _display(shell: Any, kind: str, kwargs: dict[str, Any]) -> None:
         shell.display_pub.clear_output(**kwargs)
     else:
         shell.display_pub.publish(**kwargs)
+
+
+def _ask_where(conn: Connection, pid: int, shell: Any, last_batch: int) -> tuple[Frames | None, int]:
+    """Ask the child which user frames it is running (``WHERE_SIGNAL``); wait up to ``WHERE_WAIT``.
+
+    Returns its answer (None when it can't answer: C code holding the GIL) and the number of the
+    last batch of text received, replaying the output that arrives meanwhile.
+    """
+    try:
+        os.kill(pid, WHERE_SIGNAL)
+    except ProcessLookupError:
+        return None, last_batch
+    until = time.monotonic() + WHERE_WAIT
+    try:
+        while conn.poll(max(until - time.monotonic(), 0)):
+            kind, *payload = pickle.loads(conn.recv_bytes())
+            if kind == "where":
+                return payload[0], last_batch
+            if kind == "streams":
+                _write_streams(payload[0])
+                last_batch = max(last_batch, payload[1])
+            elif kind == "display":
+                _display(shell, *payload)
+    except (EOFError, OSError, pickle.UnpicklingError):
+        pass
+    return None, last_batch
 
 
 def _drain(conn: Connection, shell: Any, unsent: UnsentText, last_batch: int) -> None:
