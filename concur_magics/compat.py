@@ -21,6 +21,7 @@ __all__ = [
     "loop_thread_id",
     "pickled_away_filename",
     "publish_error",
+    "running_cell",
 ]
 
 
@@ -142,3 +143,24 @@ def pickled_away_filename(filename: str) -> bool:
     """
     return filename == "<dynamic-code>"
 
+
+def running_cell(shell: Any) -> str | None:
+    """The code of the execute request running now, as the frontend sent it (None if unknown).
+
+    The ``code`` of ipykernel's parent header, read through ``Kernel.get_parent()`` as in
+    :func:`execution` (ipykernel 6+, per-context since 7; checked on 7.4). A magic's body is the
+    tail of it, so the lines above tell where the body starts and what they say.
+    """
+    kernel = getattr(shell, "kernel", None)
+    get_parent = getattr(kernel, "get_parent", None)
+    if get_parent is None:
+        return None
+    try:
+        parent = get_parent("shell")
+    except TypeError:  # pragma: no cover - ipykernel 6 takes no channel
+        parent = get_parent()
+    parent = parent or {}
+    if parent.get("header", {}).get("msg_type") != "execute_request":
+        return None
+    code = parent.get("content", {}).get("code")
+    return code if isinstance(code, str) else None
