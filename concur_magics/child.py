@@ -393,7 +393,7 @@ def _answer_where(outbox: Outbox) -> None:
 
     try:
         signal.signal(WHERE_SIGNAL, where)
-    except (ValueError, OSError):  # not the main thread, or no such signal: the parent won't hear back
+    except (ValueError, OSError):  # not the main thread, or no such signal: no answer
         pass
 
 

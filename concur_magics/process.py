@@ -349,7 +349,8 @@ def _relay(
                 )
             _drain(conn, shell, unsent, last_batch)
             # The child's frames at the deadline, so the traceback shows the line it was on.
-            raise CellTimeout(limit, "process", "killed", f"(pid {pid})").with_traceback(rebuilt_frames(frames))
+            error = CellTimeout(limit, "process", "killed", f"(pid {pid})")
+            raise error.with_traceback(rebuilt_frames(frames))
         try:
             kind, *payload = pickle.loads(conn.recv_bytes())
         except EOFError:
@@ -408,7 +409,9 @@ def _display(shell: Any, kind: str, kwargs: dict[str, Any]) -> None:
         shell.display_pub.publish(**kwargs)
 
 
-def _ask_where(conn: Connection, pid: int, shell: Any, last_batch: int) -> tuple[Frames | None, int]:
+def _ask_where(
+    conn: Connection, pid: int, shell: Any, last_batch: int
+) -> tuple[Frames | None, int]:
     """Ask the child which user frames it is running (``WHERE_SIGNAL``); wait up to ``WHERE_WAIT``.
 
     Returns its answer (None when it can't answer: C code holding the GIL) and the number of the

@@ -49,7 +49,7 @@ def user_frames(tb: TracebackType | None) -> TracebackType | None:
     """The user's part of a traceback that starts in (or passes through) our machinery.
 
     Frames before the first of ours (the caller of a magic: its ``run_cell_magic`` line and
-    IPython's frames) and every frame of ours — this package's, or marked ``__tracebackhide__`` —
+    IPython's frames) and every frame of ours (this package's, or marked ``__tracebackhide__``)
     are left out, as long as a frame of the user's follows ours; a traceback without ours is
     returned whole. The original traceback is not changed: the result is a new chain over the
     same frames (so their source, locals and highlighting still show).
@@ -144,7 +144,9 @@ class RenderedTraceback:
     returns lines made elsewhere. Pickles as its lines, so the exception still travels.
     """
 
-    def __init__(self, error: BaseException | None, tb: TracebackType | None, lines: list[str] | None = None) -> None:
+    def __init__(
+        self, error: BaseException | None, tb: TracebackType | None, lines: list[str] | None = None
+    ) -> None:
         self._error = error
         self._tb = tb
         self._lines = lines
@@ -173,7 +175,7 @@ def with_user_traceback(error: BaseException) -> BaseException:
 
 
 def with_rendered_traceback(error: BaseException, lines: list[str] | None) -> BaseException:
-    """Make IPython show ``lines`` for ``error`` (its ``_render_traceback_`` hook); return ``error``."""
+    """Make IPython show ``lines`` for ``error`` (``_render_traceback_``); return ``error``."""
     if lines:
         _attach(error, RenderedTraceback(None, None, list(lines)))
     return error
