@@ -394,7 +394,9 @@ def _answer_where(outbox: Outbox) -> None:
     try:
         signal.signal(WHERE_SIGNAL, where)
     except (ValueError, OSError):  # not the main thread, or no such signal: no answer
-        pass
+        return
+    # Born with it blocked (see process._fork); a request that came meanwhile is answered now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {WHERE_SIGNAL})
 
 
 # --------------------------------------------------------------------------- names and values

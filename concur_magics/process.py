@@ -143,7 +143,7 @@ class Children:
             finally:
                 self._pids.discard(pid)
         if os.WIFSIGNALED(status):
-            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            return f"killed by {_signal_name(os.WTERMSIG(status))}"
         return f"exit code {os.WEXITSTATUS(status)}"
 
     def kill_all(self) -> None:
@@ -233,6 +233,13 @@ def run_in_child(
                 guardian.stop()
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time signals have no name of their own
+        return f"signal {number}"
+
+
 def _fork() -> int:
     # Python 3.12+ warns that forking a multi-threaded process may deadlock the child, because
     # locks held by other threads stay locked in it. Our child never touches the parent's threads,
@@ -240,11 +247,22 @@ def _fork() -> int:
     # publisher with its own pipe, never uses ZMQ or the event loop, and leaves with os._exit. The
     # user's code in it takes the same risk as under multiprocessing's "fork" start method. So we
     # silence exactly that warning, for this call only.
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning
-        )
-        return os.fork()
+    #
+    # The child is born with WHERE_SIGNAL blocked and unblocks it once it has a handler for it: a
+    # deadline shorter than the child's start would otherwise kill it with that signal.
+    blocked = {WHERE_SIGNAL}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    pid = -1
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning
+            )
+            pid = os.fork()
+        return pid
+    finally:
+        if pid != 0:  # the parent (or a failed fork): as it was
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _Guardian:

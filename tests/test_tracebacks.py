@@ -166,3 +166,16 @@ def test_an_exception_carrying_its_lines_still_pickles() -> None:
     assert any("ValueError" in line for line in copy._render_traceback_())
     copied = pickle.loads(pickle.dumps(with_rendered_traceback(KeyError(1), ["a line"])))
     assert copied._render_traceback_() == ["a line"]
+
+
+def test_a_deadline_shorter_than_the_childs_start_is_still_a_timeout(kernel: Kernel) -> None:
+    # The kernel asks the child where it is just before killing it; a child that has not yet
+    # set up its answer must not die of the question.
+    code = (
+        "import time, concur_magics\ncaught = 0\nfor _ in range(20):\n    try:\n"
+        "        concur_magics.run_with_timeout(time.sleep, 0.001, 5, mode='process')\n"
+        "    except concur_magics.CellTimeout:\n        caught += 1\ncaught"
+    )
+    cell = run(kernel, code)
+    assert cell.status == "ok", cell.text
+    assert cell.results[-1]["text/plain"] == "20"
