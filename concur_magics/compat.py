@@ -13,8 +13,21 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["absorb", "async_raise", "execution", "fd_watcher", "handled_exception", "iopub_loop", "kernel_stream_class",
-           "loop_thread_id", "publish_error"]
+__all__ = [
+    "absorb",
+    "async_raise",
+    "execution",
+    "fd_watcher",
+    "handled_exception",
+    "iopub_loop",
+    "loop_thread_id",
+    "parent_header",
+    "pickled_away_filename",
+    "publish_error",
+    "running_cell",
+    "tag_parent_header",
+    "tag_unowned",
+]
 
 
 def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
@@ -134,19 +147,6 @@ def iopub_loop(shell: Any) -> Any:
     return getattr(iopub, "io_loop", None)
 
 
-def kernel_stream_class(stream: Any) -> type | None:
-    """ipykernel's ``OutStream`` class if ``stream`` is one (``sys.stdout`` in a kernel), else None.
-
-    Its ``write(text)`` is the one way text enters it, ``name`` says ``"stdout"`` or ``"stderr"``
-    (ipykernel 6-7.4).
-    """
-    try:
-        from ipykernel.iostream import OutStream
-    except ImportError:  # pragma: no cover - ipykernel is a dependency
-        return None
-    return type(stream) if isinstance(stream, OutStream) else None
-
-
 def fd_watcher(stream: Any) -> threading.Thread | None:
     """The thread in which ipykernel passes on what was written to file descriptor 1 or 2.
 
@@ -195,3 +195,35 @@ def tag_unowned(key: str) -> None:
         header = getattr(stream, "_parent_header_global", None)
         if isinstance(header, dict) and header:
             stream._parent_header_global = {**header, key: True}  # type: ignore[union-attr]
+def pickled_away_filename(filename: str) -> bool:
+    """Whether ``filename`` is the stand-in cloudpickle gives the code of functions it pickles by
+    value (a notebook's functions, shipped to a Dask worker).
+
+    cloudpickle 3.1+ replaces ``co_filename`` with ``"<dynamic-code>"`` so that its payloads are
+    deterministic (``cloudpickle._code_reduce``; checked on 3.1.3). Frames of such functions on a
+    worker no longer say which cell they come from; the kernel finds out by name and first line.
+    Earlier releases keep the real name: this returns False and the name is used as it is.
+    """
+    return filename == "<dynamic-code>"
+
+
+def running_cell(shell: Any) -> str | None:
+    """The code of the execute request running now, as the frontend sent it (None if unknown).
+
+    The ``code`` of ipykernel's parent header, read through ``Kernel.get_parent()`` as in
+    :func:`execution` (ipykernel 6+, per-context since 7; checked on 7.4). A magic's body is the
+    tail of it, so the lines above tell where the body starts and what they say.
+    """
+    kernel = getattr(shell, "kernel", None)
+    get_parent = getattr(kernel, "get_parent", None)
+    if get_parent is None:
+        return None
+    try:
+        parent = get_parent("shell")
+    except TypeError:  # pragma: no cover - ipykernel 6 takes no channel
+        parent = get_parent()
+    parent = parent or {}
+    if parent.get("header", {}).get("msg_type") != "execute_request":
+        return None
+    code = parent.get("content", {}).get("code")
+    return code if isinstance(code, str) else None

@@ -13,7 +13,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Enum, Float, TraitError, Unicode, default, observe, validate
 
-from . import cluster, compat, runners, schedule
+from . import cluster, compat, runners, schedule, tracebacks
 from .cells import CompiledCell, compile_cell
 from .jobs import Job
 from .table import JobsView, wait_for_jobs, wait_for_jobs_async
@@ -174,14 +174,19 @@ class ConcurMagics(Magics):
                 "this cell awaits at top level, which %%timeout can run only when it is the cell's "
                 "first line (it was reached through another magic); or use --mode process"
             )
-        return run_cell_with_timeout(
-            compiled,
-            self._namespace,
-            args.seconds,
-            mode=args.mode,
-            shell=self.shell,
-            grace=self.timeout_grace,
-        )
+        try:
+            return run_cell_with_timeout(
+                compiled,
+                self._namespace,
+                args.seconds,
+                mode=args.mode,
+                shell=self.shell,
+                grace=self.timeout_grace,
+            )
+        except BaseException as exc:
+            # Shown from the cell's own lines: not from this magic's call line, nor through us.
+            tracebacks.with_user_traceback(exc)
+            raise
 
     async def timeout_async(self, line: str, cell: str) -> Any:
         """``%%timeout`` for a cell that awaits at top level; the cell runs on the kernel's loop.
@@ -191,14 +196,18 @@ class ConcurMagics(Magics):
         """
         __tracebackhide__ = True
         args, compiled = self._prepare_timeout(line, cell)
-        return await run_cell_with_timeout_async(
-            compiled,
-            self._namespace,
-            args.seconds,
-            mode=args.mode,
-            shell=self.shell,
-            grace=self.timeout_grace,
-        )
+        try:
+            return await run_cell_with_timeout_async(
+                compiled,
+                self._namespace,
+                args.seconds,
+                mode=args.mode,
+                shell=self.shell,
+                grace=self.timeout_grace,
+            )
+        except BaseException as exc:
+            tracebacks.with_user_traceback(exc)
+            raise
 
     @property
     def _namespace(self) -> dict[str, Any]:

@@ -32,6 +32,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .tracebacks import job_traceback
+from .tracebacks import format_traceback, with_rendered_traceback  # noqa: F401 - their old home
+
 if TYPE_CHECKING:
     from .jobs import Job
 
@@ -250,9 +253,8 @@ class CellOutput:
     def _publish_error(self, error: BaseException) -> None:
         from . import compat
 
-        etype, tb = type(error), error.__traceback__
-        render = getattr(error, "_render_traceback_", None)  # IPython's hook: lines made elsewhere
-        stb = render() if render is not None else self.shell.InteractiveTB.structured_traceback(etype, error, tb)
+        etype = type(error)
+        stb = job_traceback(self.shell, error)  # the user's frames only, as in a plain cell
         flush_streams()
         if self.log is not None:
             self.log.add_error(etype.__name__, str(error), stb)
@@ -399,51 +401,3 @@ def write_stream(name: str, text: str, flush: bool = True) -> None:
     stream.write(text)
     if flush:
         stream.flush()
-
-
-def format_traceback(error: BaseException, shell: Any = None, relabel: dict[str, str] | None = None) -> list[str]:
-    """Format ``error`` as IPython shows a failing cell (frames marked ``__tracebackhide__`` left out).
-
-    Used where the failure happened — a forked child, a Dask worker — because only there do the
-    real frames exist; the lines travel with the exception (see :func:`with_rendered_traceback`).
-
-    Parameters
-    ----------
-    shell:
-        The shell whose traceback formatter to use; without one, IPython's verbose formatter.
-    relabel:
-        File names to show as cell labels, e.g. ``{"/tmp/ipykernel_1/123.py": "Cell In[7]"}``
-        (a Dask worker has no shell to know them).
-    """
-    tb = error.__traceback__
-    if shell is not None:
-        lines = shell.InteractiveTB.structured_traceback(type(error), error, tb)
-    else:
-        from IPython.core.ultratb import VerboseTB
-
-        try:
-            formatter = VerboseTB(theme_name="linux")
-        except TypeError:  # IPython < 9
-            formatter = VerboseTB(color_scheme="Linux")  # type: ignore[call-arg]
-        lines = formatter.structured_traceback(type(error), error, tb)
-    for filename, label in (relabel or {}).items():
-        lines = [_relabel(line, filename, label) for line in lines]
-    return list(lines)
-
-
-def _relabel(line: str, filename: str, label: str) -> str:
-    import re
-
-    # "File /tmp/x.py:4" (possibly with colour codes around the name) -> "Cell In[7], line 4"
-    pattern = re.compile(r"File (\x1b\[[0-9;]*m)*" + re.escape(filename) + r"(\x1b\[[0-9;]*m)*:(\d+)")
-    return pattern.sub(lambda m: f"{label}, line {m.group(3)}", line)
-
-
-def with_rendered_traceback(error: BaseException, lines: list[str] | None) -> BaseException:
-    """Make IPython show ``lines`` for ``error`` (its ``_render_traceback_`` hook); return ``error``."""
-    if lines:
-        try:
-            error._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
-        except AttributeError:  # an exception type without a __dict__: show its own traceback
-            pass
-    return error
