@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from concur_magics.frontend import Kernel, running_kernel
 
-from .jobs import background_launch_in_kernel, loop_deadlines
+from .jobs import background_launch_in_kernel, job_output, loop_deadlines
 from .relay import process_print_relay
 
 if TYPE_CHECKING:
@@ -444,6 +444,7 @@ ALL[:] = [
     ("background", background_launch),
     ("launch-in-kernel", background_launch_in_kernel),
     ("loop-deadlines", loop_deadlines),
+    ("job-output", job_output),
     ("many-waits", many_waits),
     ("timeout", timeout_precision),
     ("process-mode", process_mode_cost),

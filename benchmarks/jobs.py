@@ -7,6 +7,8 @@ Both figures run in one real ipykernel with the extension loaded, ours and the a
   ``ThreadPoolExecutor`` — what a user would write by hand — in the same cell's kernel.
 * deadlines: 10,000 loop jobs with ``--timeout`` over ``asyncio.sleep``, against 10,000 tasks under
   ``asyncio.wait_for``: wall time to all stopped, threads started, RSS grown.
+* job output: a job printing 50,000 lines (routed to its cell and kept in its log), against the same
+  loop in a plain cell: wall time until the client has every line.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from concur_magics.frontend import Kernel, running_kernel
 if TYPE_CHECKING:
     from .__main__ import Row
 
-__all__ = ["background_launch_in_kernel", "loop_deadlines"]
+__all__ = ["background_launch_in_kernel", "job_output", "loop_deadlines"]
 
 LAUNCH_GOAL = 0.0005  # seconds per %%background launch, inside the kernel
 
@@ -88,7 +90,7 @@ async def _ours(n):
     threads, rss, start = threading.active_count(), _proc.memory_info().rss, time.perf_counter()
     jobs = [concur_magics.background(asyncio.sleep(5), mode='loop', timeout=0.5, show=False) for _ in range(n)]
     peak_threads = threading.active_count()
-    await concur_magics.jobs.wait_for_jobs_async(jobs, 120)
+    await concur_magics.table.wait_for_jobs_async(jobs, 120)
     took = time.perf_counter() - start
     assert all(j.status == 'timeout' for j in jobs)
     return took, peak_threads - threads, _proc.memory_info().rss - rss
@@ -120,4 +122,31 @@ def loop_deadlines(quick: bool) -> list[Row]:
         f"{took:.2f} s, {threads:.0f} threads, {rss / n:.0f} B/job RSS",
         f"asyncio.wait_for tasks {anchor_took:.2f} s, {anchor_threads:.0f} threads, {anchor_rss / n:.0f} B/task",
         took / anchor_took if anchor_took else None, "no thread per job", "ok" if threads <= 0 else "MISSED",
+    )]
+
+
+def job_output(quick: bool) -> list[Row]:
+    """Lines printed by a job, until the client has them all, against a plain cell printing them."""
+    import time
+
+    n = 20_000 if quick else 50_000
+    loop = f"for i in range({n}):\n    print(i)"
+    ours, plain = [], []
+    with running_kernel() as kernel:
+        kernel.execute("%load_ext concur_magics", timeout=60)
+        for _ in range(2 if quick else 3):
+            start = time.perf_counter()
+            cell = kernel.execute("%%background -n printer\n" + loop, timeout=120)
+            kernel.wait_until(lambda: cell.stdout.count("\n") >= n, 120, "every printed line")
+            ours.append(time.perf_counter() - start)
+            kernel.execute("%jobs wait --timeout 60\n%jobs clear", timeout=90)
+            start = time.perf_counter()
+            cell = kernel.execute(loop, timeout=120)
+            kernel.wait_until(lambda: cell.stdout.count("\n") >= n, 120, "every printed line")
+            plain.append(time.perf_counter() - start)
+    o, a = statistics.median(ours), statistics.median(plain)
+    return [_row(
+        f"a job printing {n:,} lines: all in its cell (median of rounds)",
+        f"{o * 1e3:.0f} ms", f"the same loop in a plain cell {a * 1e3:.0f} ms",
+        o / a, "< 1.5x plain", "ok" if o < 1.5 * a else "MISSED",
     )]

@@ -113,7 +113,9 @@ def compile_cell(
         must be plain Python.
     first_line:
         The line number of the body's first line in the cell, so tracebacks point at the line the
-        user sees (2 for the body of a cell magic).
+        user sees (2 for the body of a cell magic). When the kernel's running cell ends with the
+        body, its place there wins (a magic under ``%%capture`` starts a line later), and its
+        lines above the body (the magic's own line) show in tracebacks.
     filename:
         Use this name for the code (a cell compiled again elsewhere, e.g. on a Dask worker, keeps
         the name under which the kernel shows its source).
@@ -124,8 +126,9 @@ def compile_cell(
         If the transformed body is not valid Python.
     """
     source = shell.transform_cell(raw) if shell is not None else raw
+    first_line, above = _place_in_cell(raw, shell, first_line)
     padded = "\n" * (first_line - 1) + source
-    filename = filename or _register_source(padded, raw, shell)
+    filename = filename or _register_source(above + source, raw, shell)
     tree = ast.parse(padded, filename=filename)
     last: ast.expr | None = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -166,8 +169,32 @@ def awaits_at_top_level(source: str) -> bool:
     return bool(code.co_flags & inspect.CO_COROUTINE)
 
 
+def _place_in_cell(raw: str, shell: InteractiveShell | None, first_line: int) -> tuple[int, str]:
+    """Where a magic's body sits in the cell the user ran: its first line, and the text above it.
+
+    Without a kernel, or when the body is not the tail of the running cell: ``first_line`` and
+    blank lines.
+    """
+    blank = (first_line, "\n" * (first_line - 1))
+    if shell is None or first_line == 1 or not raw.strip():
+        return blank
+    from . import compat
+
+    cell = (compat.running_cell(shell) or "").rstrip()
+    body = raw.rstrip()
+    if not cell.endswith(body):
+        return blank
+    above = cell[: len(cell) - len(body)]
+    if not above.endswith("\n"):
+        return blank
+    return above.count("\n") + 1, above
+
+
 def _register_source(padded: str, raw: str, shell: InteractiveShell | None) -> str:
-    """Make the source visible to tracebacks; return the filename code objects should carry."""
+    """Make the source visible to tracebacks; return the filename code objects should carry.
+
+    ``padded`` is the source as tracebacks list it: the lines above it in its cell, then itself.
+    """
     if shell is not None:
         # IPython names the file after the cell ("Cell In[7], line 3") and keeps it in linecache.
         # IPython advances execution_count before it runs a cell; the running cell is the one before.

@@ -16,6 +16,10 @@ this order:
     What the work changed in the namespace (with ``copy_back``).
 ``("value", data)`` then ``("done",)``, or ``("error", data, tb, text, rendered)``
     How it ended.
+``("where", frames)``
+    The user's frames running now (tblib's form, or None), sent when the parent asks with
+    ``WHERE_SIGNAL`` just before it kills the child at the deadline, so the ``CellTimeout`` can
+    show the line that was stopped. A child stuck in C code holding the GIL does not answer.
 
 Text waiting to go out sits in memory shared with the parent (:class:`UnsentText`), so a child
 killed at its deadline still has its last lines shown. The parent side, which replays all this, is
@@ -44,9 +48,9 @@ import cloudpickle
 from IPython.core.displaypub import DisplayPublisher
 from tblib import Traceback
 
-from .output import format_traceback
+from .tracebacks import carried_frames, format_traceback, stack_frames, user_frames
 
-__all__ = ["BATCH_BYTES", "BATCH_SECONDS", "Outbox", "UnsentText", "child_main"]
+__all__ = ["BATCH_BYTES", "BATCH_SECONDS", "WHERE_SIGNAL", "Outbox", "UnsentText", "child_main"]
 
 # Text is sent in batches: per-line messages cost a pickle, a pipe write and, in the parent, a
 # write and flush to the kernel's stream each, which made a print loop ~50x slower than in the
@@ -55,6 +59,10 @@ __all__ = ["BATCH_BYTES", "BATCH_SECONDS", "Outbox", "UnsentText", "child_main"]
 # after the last send (so trailing text shows while the work sleeps).
 BATCH_BYTES = 64 * 1024
 BATCH_SECONDS = 0.05
+# How the parent asks the child where its work is. Not the deadline engine's signal (SIGRTMIN+3),
+# which the child inherits for timeouts of its own.
+_RTMIN = getattr(signal, "SIGRTMIN", None)
+WHERE_SIGNAL = int(_RTMIN) + 4 if _RTMIN is not None else int(signal.SIGUSR2)
 
 
 class UnsentText:
@@ -350,6 +358,7 @@ def child_main(
         if shell is not None:
             shell.display_pub = PipePublisher(outbox)
         builtins.input = _no_input  # type: ignore[assignment]
+        _answer_where(outbox)
         before = dict(namespace)
         try:
             value = work(namespace)
@@ -367,6 +376,27 @@ def child_main(
     finally:
         _flush_c_stdio()
         os._exit(code)
+
+
+def _answer_where(outbox: Outbox) -> None:
+    """Send the user's frames running now when the parent sends ``WHERE_SIGNAL``.
+
+    The handler runs between two bytecodes of the work (re-entering the outbox's lock is allowed
+    for this); the work then goes on until the parent kills the child.
+    """
+
+    def where(signum: int, frame: types.FrameType | None) -> None:
+        try:
+            outbox.send(("where", carried_frames(stack_frames(frame, below=child_main.__code__))))
+        except Exception:  # noqa: BLE001 - no answer: the parent shows the timeout without frames
+            pass
+
+    try:
+        signal.signal(WHERE_SIGNAL, where)
+    except (ValueError, OSError):  # not the main thread, or no such signal: no answer
+        return
+    # Born with it blocked (see process._fork); a request that came meanwhile is answered now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {WHERE_SIGNAL})
 
 
 # --------------------------------------------------------------------------- names and values
@@ -454,7 +484,6 @@ def _send_value(outbox: Outbox, value: Any, namespace: dict[str, Any], before: d
 
 
 _MISSING = object()
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _dumps(value: Any, namespace: dict[str, Any], before: dict[str, Any]) -> bytes:
@@ -471,10 +500,8 @@ def _describe_error(exc: BaseException, shell: Any) -> tuple[Any, ...]:
         data: bytes | None = cloudpickle.dumps(exc)
     except Exception:  # noqa: BLE001 - described as text instead
         data = None
-    tb = exc.__traceback__
-    # Start the traceback at the user's code, not at this package's plumbing.
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        tb = tb.tb_next
+    # The user's frames only, formatted here where they are, with this copy of the kernel's shell.
+    tb = user_frames(exc.__traceback__)
     rendered = None
     if shell is not None:
         try:

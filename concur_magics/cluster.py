@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from .cells import CompiledCell, compile_cell
 from .deadlines import CellTimeout
 from .jobs import Job
-from .output import CellOutput, format_traceback, with_rendered_traceback
+from .output import CellOutput
+from .tracebacks import carried_frames, rebuilt_frames
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -250,7 +251,6 @@ class Shipment:
     inputs: dict[str, Any]
     waits_for: list[Job] = field(default_factory=list)  # non-Dask jobs to finish first
     token: str = ""
-    label: str = ""  # how tracebacks name the cell ("Cell In[7]")
 
 
 def prepare(cell: CompiledCell, namespace: dict[str, Any], shell: Any = None) -> Shipment:
@@ -272,11 +272,7 @@ def prepare(cell: CompiledCell, namespace: dict[str, Any], shell: Any = None) ->
         elif not isinstance(value, Future) and isinstance(value, type(sys)):
             continue  # modules: the cell's own imports bring them on the worker
         inputs[name] = value
-    label = ""
-    if shell is not None:
-        named = shell.compile.format_code_name(cell.filename)
-        label = f"{named[0]} {named[1]}" if named else ""
-    return Shipment(cell, inputs, waits, f"{os.getpid()}-{next(_tokens)}", label)
+    return Shipment(cell, inputs, waits, f"{os.getpid()}-{next(_tokens)}")
 
 
 def _value_future(job: Job) -> Any:
@@ -312,7 +308,7 @@ def submit(shipment: Shipment) -> Any:
     try:
         cell = shipment.cell
         return client.submit(
-            run_remote, cell.source, cell.filename, cell.first_line, shipment.label, inputs, shipment.token,
+            run_remote, cell.source, cell.filename, cell.first_line, inputs, shipment.token,
             key=f"concur-cell-{shipment.token}", pure=False, retries=0,
         )
     except Exception:
@@ -432,7 +428,12 @@ def background_dask(
 
 
 def _rendered(exc: BaseException) -> BaseException:
-    return with_rendered_traceback(exc, getattr(exc, "_concur_traceback", None))
+    """``exc`` with the user's frames the worker sent (:func:`run_remote`) as its traceback.
+
+    The kernel formats them: it knows each cell's label and source, which a worker does not.
+    """
+    frames = getattr(exc, "_concur_frames", None)
+    return exc.with_traceback(rebuilt_frames(frames)) if frames else exc
 
 
 def _explain(exc: BaseException) -> BaseException:
@@ -548,7 +549,7 @@ def _install_routing() -> None:
 
 
 def run_remote(
-    source: str, filename: str, first_line: int, label: str, inputs: dict[str, Any], token: str
+    source: str, filename: str, first_line: int, inputs: dict[str, Any], token: str
 ) -> tuple[Any, dict[str, Any]]:
     """Run a cell on a worker; return its last value and the names it bound."""
     __tracebackhide__ = True
@@ -571,10 +572,11 @@ def run_remote(
         else:
             value = cell.run(namespace)
     except BaseException as exc:  # noqa: BLE001 - SystemExit and friends must not reach the worker
-        # Format here, where the frames are; the lines travel with the exception's __dict__.
+        # Cut to the user's frames here, where they are; they travel in the exception's __dict__
+        # and the kernel formats them with the cells' labels and sources.
         carried = exc if isinstance(exc, Exception) else RemoteExit(exc)
         try:
-            carried._concur_traceback = format_traceback(exc, relabel={filename: label} if label else None)  # type: ignore[attr-defined]
+            carried._concur_frames = carried_frames(exc.__traceback__)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - the exception itself still goes back
             pass
         if carried is exc:

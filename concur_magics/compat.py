@@ -13,7 +13,21 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["absorb", "async_raise", "execution", "publish_error", "handled_exception", "loop_thread_id"]
+__all__ = [
+    "absorb",
+    "async_raise",
+    "execution",
+    "fd_watcher",
+    "handled_exception",
+    "iopub_loop",
+    "loop_thread_id",
+    "parent_header",
+    "pickled_away_filename",
+    "publish_error",
+    "running_cell",
+    "tag_parent_header",
+    "tag_unowned",
+]
 
 
 def async_raise(thread_id: int, exc_type: type[BaseException]) -> bool:
@@ -121,3 +135,95 @@ def publish_error(shell: Any, etype: type[BaseException], evalue: BaseException,
 
 def main_thread_id() -> int:
     return threading.main_thread().ident or 0
+
+
+def iopub_loop(shell: Any) -> Any:
+    """The Tornado IOLoop of ipykernel's IOPub thread (it runs while a cell blocks the main thread).
+
+    ``kernel.iopub_thread.io_loop`` (ipykernel 6-7.4, public attributes but undocumented). Missing
+    (a terminal IPython): None, and callers show nothing that needs refreshing.
+    """
+    iopub = getattr(getattr(shell, "kernel", None), "iopub_thread", None)
+    return getattr(iopub, "io_loop", None)
+
+
+def fd_watcher(stream: Any) -> threading.Thread | None:
+    """The thread in which ipykernel passes on what was written to file descriptor 1 or 2.
+
+    ``OutStream.watch_fd_thread`` (ipykernel 6-7.4, private; set when the stream captures its fd,
+    which ipykernel skips under pytest). Missing: None, and such writes are not told apart.
+    """
+    thread = getattr(stream, "watch_fd_thread", None)
+    return thread if isinstance(thread, threading.Thread) else None
+
+
+def parent_header(shell: Any) -> dict[str, Any]:
+    """The parent header output gets in the calling context (the request of the cell it belongs to).
+
+    ``OutStream.parent_header`` (ipykernel 6-7.4: per context since 7). Outside a kernel: ``{}``.
+    """
+    header = getattr(sys.stdout, "parent_header", None)
+    return dict(header) if isinstance(header, dict) else {}
+
+
+def _publishers(shell: Any) -> list[Any]:
+    return [obj for obj in (sys.stdout, sys.stderr, getattr(shell, "display_pub", None),
+                            getattr(shell, "displayhook", None)) if hasattr(obj, "set_thread_parent")]
+
+
+def tag_parent_header(shell: Any, key: str, value: Any) -> None:
+    """Add ``key: value`` to the parent header of everything the calling context sends.
+
+    ipykernel 7's public ``set_thread_parent`` on its streams, display publisher and display hook
+    (per context). Missing (ipykernel 6): nothing is tagged, and a job's output is routed by its
+    context alone (not into its log, and not moved by a rerun).
+    """
+    for publisher in _publishers(shell):
+        header = publisher.parent_header
+        if isinstance(header, dict) and "msg_id" in header:  # no request, no cell to route to
+            publisher.set_thread_parent({**header, key: value})
+
+
+def tag_unowned(key: str) -> None:
+    """Mark the parent header that ipykernel's streams give writers no context names (the thread
+    that reads file descriptors 1 and 2, threads started outside any job).
+
+    ``OutStream._parent_header_global`` (private; ipykernel 7.0-7.4), set by each request's
+    ``set_parent``: call after it (a ``pre_execute`` handler). Missing: nothing is marked.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        header = getattr(stream, "_parent_header_global", None)
+        if isinstance(header, dict) and header:
+            stream._parent_header_global = {**header, key: True}  # type: ignore[union-attr]
+def pickled_away_filename(filename: str) -> bool:
+    """Whether ``filename`` is the stand-in cloudpickle gives the code of functions it pickles by
+    value (a notebook's functions, shipped to a Dask worker).
+
+    cloudpickle 3.1+ replaces ``co_filename`` with ``"<dynamic-code>"`` so that its payloads are
+    deterministic (``cloudpickle._code_reduce``; checked on 3.1.3). Frames of such functions on a
+    worker no longer say which cell they come from; the kernel finds out by name and first line.
+    Earlier releases keep the real name: this returns False and the name is used as it is.
+    """
+    return filename == "<dynamic-code>"
+
+
+def running_cell(shell: Any) -> str | None:
+    """The code of the execute request running now, as the frontend sent it (None if unknown).
+
+    The ``code`` of ipykernel's parent header, read through ``Kernel.get_parent()`` as in
+    :func:`execution` (ipykernel 6+, per-context since 7; checked on 7.4). A magic's body is the
+    tail of it, so the lines above tell where the body starts and what they say.
+    """
+    kernel = getattr(shell, "kernel", None)
+    get_parent = getattr(kernel, "get_parent", None)
+    if get_parent is None:
+        return None
+    try:
+        parent = get_parent("shell")
+    except TypeError:  # pragma: no cover - ipykernel 6 takes no channel
+        parent = get_parent()
+    parent = parent or {}
+    if parent.get("header", {}).get("msg_type") != "execute_request":
+        return None
+    code = parent.get("content", {}).get("code")
+    return code if isinstance(code, str) else None

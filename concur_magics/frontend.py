@@ -120,15 +120,26 @@ class Kernel:
         # Drain startup chatter (status messages) so it is not filed under a cell.
         self.pump(0.1)
 
-    def execute(self, code: str, *, timeout: float = 60, wait: bool = True, **options: Any) -> Cell:
+    def execute(self, code: str, *, timeout: float = 60, wait: bool = True, cell_id: str | None = None,
+                **options: Any) -> Cell:
         """Run ``code``; with ``wait`` return once the kernel is idle again after it.
+
+        ``cell_id`` is sent as the request's ``metadata.cellId``, as JupyterLab, Notebook 7 and
+        nbclient send the id of the notebook cell being run.
 
         Raises
         ------
         TimeoutError
             If the reply or the idle status does not arrive within ``timeout`` seconds.
         """
-        msg_id = self.client.execute(code, **options)
+        if cell_id is None:
+            msg_id = self.client.execute(code, **options)
+        else:
+            content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                       "allow_stdin": False, "stop_on_error": True, **options}
+            msg = self.client.session.msg("execute_request", content, metadata={"cellId": cell_id})
+            self.client.shell_channel.send(msg)
+            msg_id = msg["header"]["msg_id"]
         cell = self.cells[msg_id] = Cell(code, msg_id)
         if wait:
             self.wait(cell, timeout=timeout)
@@ -248,13 +259,16 @@ def running_kernel(
 ) -> Iterator[Kernel]:
     """Start a kernel (by default an ipykernel on this interpreter) and shut it down afterwards.
 
-    The kernel gets its own ``IPYTHONDIR`` so a user's profile can't change what it does.
+    The kernel gets its own ``IPYTHONDIR`` so a user's profile can't change what it does, and
+    never pytest's ``PYTEST_CURRENT_TEST`` (ipykernel stops capturing file descriptors 1 and 2
+    when it sees it, so a kernel started from a test would not behave as users' kernels do).
     """
     with tempfile.TemporaryDirectory(prefix="concur-kernel-") as tmp:
         dirs = kernel_dirs if kernel_dirs is not None else [python_kernelspec_dir(tmp)]
         specs = KernelSpecManager(kernel_dirs=dirs, ensure_native_kernel=False)
         manager = KernelManager(kernel_name=kernel_name, kernel_spec_manager=specs)
         kernel_env = {**os.environ, "IPYTHONDIR": os.path.join(tmp, "ipython"), **(env or {})}
+        kernel_env.pop("PYTEST_CURRENT_TEST", None)
         manager.start_kernel(env=kernel_env, cwd=os.getcwd())
         kernel = Kernel(manager)
         try:

@@ -20,22 +20,24 @@ then says its code is still running).
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
+import contextvars
 import html
 import itertools
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .deadlines import CellTimeout
 
+from .output import OutputLog
+
 if TYPE_CHECKING:
     from .output import CellOutput
+    from .table import CellActivity
 
-__all__ = ["CellActivity", "Job", "JobStopped", "JobTable", "loop_timer", "wait_for_jobs", "wait_for_jobs_async"]
+__all__ = ["Job", "JobStopped", "loop_timer"]
 
 _FINAL = {"done", "error", "cancelled", "timeout"}
 # Seconds from a stop request (cancel, deadline) to the job being settled even if its code caught
@@ -99,42 +101,6 @@ class _LoopTimer:
     def _disarm(self) -> None:
         if self.handle is not None:
             self.handle.cancel()
-
-
-class CellActivity:
-    """Whether a foreground cell is busy, for ``%%every`` runs that must not race it.
-
-    The extension's pre/post_execute event handlers call :meth:`started` / :meth:`finished`. A cell
-    that awaits yields the kernel's loop, so a periodic run could otherwise slip in between its
-    statements — unless the cell is waiting for jobs (``%jobs wait``, or awaiting an ``every``
-    job), which is asking for them to run. A run still suspended at an ``await`` when a cell starts
-    is cancelled there (see :mod:`concur_magics.schedule`). Touched only on the kernel's main thread.
-    """
-
-    def __init__(self) -> None:
-        self.executing = False
-        self.waiting = 0
-        self.on_start: set[Callable[[], None]] = set()
-
-    def started(self) -> None:
-        self.executing = True
-        for callback in list(self.on_start):
-            callback()
-
-    def finished(self) -> None:
-        self.executing = False
-
-    def quiet(self) -> bool:
-        """True when a periodic run may touch the namespace now."""
-        return not self.executing or self.waiting > 0
-
-    @contextmanager
-    def waiting_for_jobs(self) -> Iterator[None]:
-        self.waiting += 1
-        try:
-            yield
-        finally:
-            self.waiting -= 1
 
 
 class Job:
@@ -205,7 +171,13 @@ class Job:
         self._dask_future: Any = None  # the task of a dask job, once submitted
         self._on_end: Callable[[Job], None] | None = None  # the table's retention hook
         self._activity: CellActivity | None = None  # the owner's, set when added to its table
+        self._on_begin: Callable[[Job], None] | None = None  # the table's: wakes the status lines
         self._began = False
+        self.held_up = False  # a loop job whose loop a blocking cell holds up (StatusLines says)
+        self.log = OutputLog()
+        if out is not None:
+            out.log = self.log
+        self._code_context: contextvars.Context | None = None  # where the job's own code runs
 
     # ------------------------------------------------------------------ state
     @property
@@ -233,8 +205,39 @@ class Job:
 
     @property
     def first_line(self) -> str:
-        lines = [line for line in self.source.strip().splitlines() if line.strip()]
-        return lines[0] if lines else ""
+        """The first line of the job's source that tells it apart: not blank, a comment or an import
+        (unless that is all there is)."""
+        lines = [line.strip() for line in self.source.splitlines() if line.strip()]
+        meaningful = [line for line in lines if not line.startswith(("#", "import ", "from "))]
+        return (meaningful or lines or [""])[0]
+
+    @property
+    def output(self) -> str:
+        """What the job has shown so far, as text: printed lines, displays, value, traceback.
+
+        Bounded: the newest :data:`~concur_magics.output.LOG_LIMIT` characters are kept
+        (``%jobs show`` shows it again with its rich displays).
+        """
+        return self.log.text()
+
+    def write_as_code(self, name: str, text: str) -> None:
+        """Write ``text`` as the job's own code would print it (for output relayed from what the
+        job started: it keeps its place among the job's prints)."""
+        from .output import write_stream
+
+        context = self._code_context
+        if context is not None:
+            context.copy().run(write_stream, name, text, False)
+        elif self._out is not None:
+            self._out.write(name, text)
+
+    def refresh_status_line(self, held_up: bool = False) -> None:
+        """Refresh the job's status line while it runs (its elapsed time; whether it is held up)."""
+        with self._lock:  # not after settle's final refresh: that one must be the last
+            if self._status != "running" or self._out is None:
+                return
+            self.held_up = held_up
+            self._out.show(self, self.display_id, update=True)
 
     # ------------------------------------------------------------------ future API
     def done(self) -> bool:
@@ -343,6 +346,8 @@ class Job:
                 self._timers.append(timer(self.limit, self._deadline))
         if self._out is not None:
             self._out.start_job(self)
+        if self._on_begin is not None:
+            self._on_begin(self)
         return True
 
     def _deadline(self) -> None:
@@ -482,15 +487,23 @@ class Job:
             )
 
     # ------------------------------------------------------------------ reprs
+    @property
+    def _remark(self) -> str:
+        if self.note:
+            return self.note
+        if self.held_up and self._status == "running":
+            return "held up: a cell is blocking the kernel's loop"
+        return ""
+
     def __repr__(self) -> str:
         timing = f" {self.elapsed:.1f} s" if self._started is not None else ""
-        note = f" ({self.note})" if self.note else ""
+        note = f" ({self._remark})" if self._remark else ""
         return f"<Job {self.label} [{self.mode}] {self.status}{timing}: {self.first_line}{note}>"
 
     def _repr_html_(self) -> str:
         colour = _COLOURS.get(self.status, "#555")
         timing = f" · {self.elapsed:.1f} s" if self._started is not None else ""
-        note = f" <small>({html.escape(self.note)})</small>" if self.note else ""
+        note = f" <small>({html.escape(self._remark)})</small>" if self._remark else ""
         return (
             f"<span style='font-family:monospace'><b>Job {html.escape(self.label)}</b> "
             f"[{self.mode}] <span style='color:{colour}'>{self.status}</span>{timing} — "
@@ -511,177 +524,3 @@ _COLOURS = {
     "cancelled": "#b06000",
     "timeout": "#b06000",
 }
-
-
-class JobTable:
-    """The jobs of one runtime, in start order: what ``%jobs`` lists. Thread-safe.
-
-    Running jobs are always kept. Of the jobs that ended, the newest ``keep`` are kept (with their
-    results); older ones are forgotten, so their values can be freed unless the user holds the
-    Job (``-o VAR``). ``%jobs clear`` forgets every ended job now.
-    """
-
-    def __init__(self, keep: int = 100, activity: CellActivity | None = None) -> None:
-        self._jobs: dict[int, Job] = {}  # every job kept, in start order
-        self._running: dict[int, Job] = {}
-        self._ended: collections.deque[int] = collections.deque()  # ids of ended jobs kept, oldest first
-        self._lock = threading.Lock()
-        self.keep = keep
-        self.activity = activity
-
-    def add(self, job: Job) -> Job:
-        with self._lock:
-            self._jobs[job.id] = job
-            self._running[job.id] = job
-        job._on_end = self._on_end
-        job._activity = self.activity
-        return job
-
-    def _on_end(self, job: Job) -> None:
-        with self._lock:
-            if self._running.pop(job.id, None) is None:
-                return
-            self._ended.append(job.id)
-            while len(self._ended) > self.keep:
-                self._jobs.pop(self._ended.popleft(), None)
-
-    def __iter__(self) -> Iterator[Job]:
-        with self._lock:
-            return iter(list(self._jobs.values()))
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def running(self) -> list[Job]:
-        with self._lock:
-            return list(self._running.values())
-
-    def of_earlier_runs(self, job: Job) -> list[Job]:
-        """Jobs still running that an earlier run of ``job``'s cell started."""
-        if job.cell is None:
-            return []
-        return [
-            other for other in self.running()
-            if other is not job and other.cell == job.cell and (job.run is None or other.run != job.run)
-        ]
-
-    def endable(self) -> tuple[list[Job], list[Job]]:
-        """Running jobs that can end by themselves, and open-ended schedules (which never will)."""
-        running = self.running()
-        return [job for job in running if not job.open_ended], [job for job in running if job.open_ended]
-
-    def find(self, key: str) -> Job:
-        """The job with this id (``3`` or ``#3``) or name (the newest job of that name).
-
-        Raises
-        ------
-        KeyError
-            With a message listing the known ids and names.
-        """
-        jobs = list(self)
-        wanted = key.lstrip("#")
-        for job in jobs:
-            if str(job.id) == wanted:
-                return job
-        for job in reversed(jobs):  # a cell run again makes a new job of the same name
-            if job.name == key:
-                return job
-        known = ", ".join(job.label for job in jobs) or "none"
-        raise KeyError(f"no job with id or name {key!r} (known: {known})")
-
-    def clear(self) -> int:
-        """Forget jobs that have ended; return how many."""
-        with self._lock:
-            ended = len(self._ended)
-            for i in self._ended:
-                self._jobs.pop(i, None)
-            self._ended.clear()
-        return ended
-
-    def cancel_all(self, join: float = 2.0) -> list[Job]:
-        """Cancel every job still pending or running; wait up to ``join`` s for them; return
-        those that did not end."""
-        jobs = self.running()
-        for job in jobs:
-            job.cancel()
-        concurrent.futures.wait([job._future for job in jobs if job.mode == "thread"], timeout=join)
-        return [job for job in jobs if not job.done()]
-
-    def view(self, jobs: Iterable[Job] | None = None) -> JobsView:
-        return JobsView(list(jobs) if jobs is not None else list(self))
-
-
-def wait_for_jobs(jobs: list[Job], timeout: float | None = None) -> None:
-    """Block until ``jobs`` have ended or ``timeout`` seconds have passed.
-
-    Not on the loop a loop job runs on: it could never end (use :func:`wait_for_jobs_async`).
-    """
-    concurrent.futures.wait([job._future for job in jobs], timeout=timeout)
-
-
-async def wait_for_jobs_async(
-    jobs: list[Job], timeout: float | None = None, activity: CellActivity | None = None
-) -> None:
-    """Wait on the running loop until ``jobs`` have ended or ``timeout`` seconds have passed.
-
-    The loop keeps running loop jobs meanwhile, and ``%%every`` runs may go on: waiting for jobs is
-    asking for them to run. A job's failure is its own cell's to show, not the waiter's.
-    """
-
-    async def ended(job: Job) -> None:
-        try:
-            await job
-        except BaseException:  # noqa: BLE001 - see above
-            pass
-
-    waiters = [asyncio.ensure_future(ended(job)) for job in jobs]
-    if not waiters:
-        return
-    if activity is None:
-        _, pending = await asyncio.wait(waiters, timeout=timeout)
-    else:
-        with activity.waiting_for_jobs():
-            _, pending = await asyncio.wait(waiters, timeout=timeout)
-    for waiter in pending:
-        waiter.cancel()
-    if pending:
-        await asyncio.wait(pending)
-
-
-class JobsView:
-    """A snapshot of jobs shown as a table (text and HTML)."""
-
-    columns = ("id", "name", "mode", "status", "elapsed", "cell")
-
-    def __init__(self, jobs: list[Job]) -> None:
-        self.jobs = jobs
-        self.rows = [
-            (str(j.id), j.name or "", j.mode, j.status, f"{j.elapsed:.1f} s", j.first_line[:60])
-            for j in jobs
-        ]
-
-    def __repr__(self) -> str:
-        if not self.rows:
-            return "no jobs"
-        widths = [max(len(c), *(len(r[i]) for r in self.rows)) for i, c in enumerate(self.columns)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths)).rstrip()]
-        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in self.rows]
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        if not self.rows:
-            return "<p>no jobs</p>"
-        head = "".join(f"<th>{c}</th>" for c in self.columns)
-        body = "".join(
-            "<tr>"
-            + "".join(
-                f"<td style='color:{_COLOURS[row[3]]}'>{html.escape(v)}</td>" if i == 3
-                else f"<td><code>{html.escape(v)}</code></td>" if i == 5
-                else f"<td>{html.escape(v)}</td>"
-                for i, v in enumerate(row)
-            )
-            + "</tr>"
-            for row in self.rows
-        )
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-

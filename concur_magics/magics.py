@@ -13,9 +13,10 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Enum, Float, TraitError, Unicode, default, observe, validate
 
-from . import cluster, compat, runners, schedule
+from . import cluster, compat, runners, schedule, tracebacks
 from .cells import CompiledCell, compile_cell
-from .jobs import Job, JobsView, wait_for_jobs, wait_for_jobs_async
+from .jobs import Job
+from .table import JobsView, wait_for_jobs, wait_for_jobs_async
 from .runtime import Runtime
 from .timeout import MODES, check_seconds, run_cell_with_timeout, run_cell_with_timeout_async
 
@@ -173,14 +174,19 @@ class ConcurMagics(Magics):
                 "this cell awaits at top level, which %%timeout can run only when it is the cell's "
                 "first line (it was reached through another magic); or use --mode process"
             )
-        return run_cell_with_timeout(
-            compiled,
-            self._namespace,
-            args.seconds,
-            mode=args.mode,
-            shell=self.shell,
-            grace=self.timeout_grace,
-        )
+        try:
+            return run_cell_with_timeout(
+                compiled,
+                self._namespace,
+                args.seconds,
+                mode=args.mode,
+                shell=self.shell,
+                grace=self.timeout_grace,
+            )
+        except BaseException as exc:
+            # Shown from the cell's own lines: not from this magic's call line, nor through us.
+            tracebacks.with_user_traceback(exc)
+            raise
 
     async def timeout_async(self, line: str, cell: str) -> Any:
         """``%%timeout`` for a cell that awaits at top level; the cell runs on the kernel's loop.
@@ -190,14 +196,18 @@ class ConcurMagics(Magics):
         """
         __tracebackhide__ = True
         args, compiled = self._prepare_timeout(line, cell)
-        return await run_cell_with_timeout_async(
-            compiled,
-            self._namespace,
-            args.seconds,
-            mode=args.mode,
-            shell=self.shell,
-            grace=self.timeout_grace,
-        )
+        try:
+            return await run_cell_with_timeout_async(
+                compiled,
+                self._namespace,
+                args.seconds,
+                mode=args.mode,
+                shell=self.shell,
+                grace=self.timeout_grace,
+            )
+        except BaseException as exc:
+            tracebacks.with_user_traceback(exc)
+            raise
 
     @property
     def _namespace(self) -> dict[str, Any]:
@@ -284,18 +294,23 @@ class ConcurMagics(Magics):
         "action",
         nargs="?",
         default="list",
-        choices=("list", "cancel", "wait", "clear"),
-        help="list (default): a table of jobs; cancel: stop jobs; wait: wait for jobs to end; "
-        "clear: forget jobs that have ended",
+        choices=("list", "show", "cancel", "wait", "clear"),
+        help="list (default): a table of jobs; show: show a job's output again here; cancel: stop "
+        "jobs; wait: wait for jobs to end; clear: forget jobs that have ended",
     )
     @argument(
         "jobs",
         nargs="*",
         metavar="ID|NAME",
-        help="jobs to cancel or wait for, by id, name, or the variable given to -o "
+        help="jobs to show, cancel or wait for, by id, name, or the variable given to -o "
         "(wait: default all running jobs)",
     )
     @argument("--timeout", type=seconds, metavar="SECONDS", help="wait: give up after this long")
+    @argument(
+        "--show", action="store_true",
+        help="wait: then show each job's output here (for notebooks run headless, e.g. by nbclient "
+        "or papermill, which keep only what arrives before each cell's reply)",
+    )
     @line_magic
     def jobs(self, line: str) -> JobsView | None:
         """List, cancel, wait for or forget background jobs.
@@ -309,13 +324,17 @@ class ConcurMagics(Magics):
             id  name  mode    status  elapsed  cell
             1   slow  thread  done    2.0 s    import time
 
-            In [4]: %jobs cancel slow
-            In [5]: %jobs wait --timeout 10
-            In [6]: %jobs clear
+            In [4]: %jobs show slow
+            In [5]: %jobs cancel slow
+            In [6]: %jobs wait --timeout 10 --show
+            In [7]: %jobs clear
         """
         args, targets = self._parse_jobs(line)
         if args.action == "list":
             return self.runtime.jobs.view()
+        if args.action == "show":
+            self._show_logs(targets)
+            return None
         if args.action == "clear":
             print(f"forgot {self.runtime.jobs.clear()} finished job(s)")
             return None
@@ -331,23 +350,31 @@ class ConcurMagics(Magics):
                 "level of a cell (not inside a function), or `await job`"
             )
         wait_for_jobs(targets, args.timeout)
-        return self._waited(targets)
+        return self._waited(targets, args.show)
 
     async def jobs_async(self, line: str) -> JobsView | None:
         """``%jobs wait`` on the kernel's loop, so loop jobs keep running while it waits."""
         args, targets = self._parse_jobs(line)
         await wait_for_jobs_async(targets, args.timeout, self.runtime.activity)
-        return self._waited(targets)
+        return self._waited(targets, args.show)
+
+    def _show_logs(self, jobs: list[Job]) -> None:
+        """Show each job's output log again in this cell, under a line naming the job."""
+        for job in jobs:
+            print(f"── {job!r}")
+            job.log.replay(self.shell)
 
     def _parse_jobs(self, line: str) -> tuple[argparse.Namespace, list[Job]]:
         args = parse_args(self.jobs, line)
         usage = _usage(self.jobs)
         if args.action in ("list", "clear") and args.jobs:
             raise UsageError(f"%jobs {args.action} takes no job ids or names\n{usage}")
-        if args.action == "cancel" and not args.jobs:
-            raise UsageError(f"%jobs cancel needs job ids or names\n{usage}")
+        if args.action in ("cancel", "show") and not args.jobs:
+            raise UsageError(f"%jobs {args.action} needs job ids or names\n{usage}")
         if args.timeout is not None and args.action != "wait":
             raise UsageError(f"--timeout goes with %jobs wait\n{usage}")
+        if args.show and args.action != "wait":
+            raise UsageError(f"--show goes with %jobs wait (to show a job's output: %jobs show ID)\n{usage}")
         targets = [self._find_job(key, usage) for key in args.jobs]
         if args.action == "wait" and not args.jobs:
             targets, endless = self.runtime.jobs.endable()
@@ -418,10 +445,12 @@ class ConcurMagics(Magics):
                 return bound
             raise UsageError(f"{exc.args[0]}\n{usage}") from None
 
-    def _waited(self, targets: list[Job]) -> JobsView | None:
+    def _waited(self, targets: list[Job], show: bool = False) -> JobsView | None:
         if not targets:
             print("no jobs to wait for")
             return None
+        if show:
+            self._show_logs(targets)
         running = [job.label for job in targets if not job.done()]
         if running:
             print(f"still running: {', '.join(running)}")

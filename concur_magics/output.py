@@ -1,13 +1,21 @@
-"""Route a job's output to the cell that started it.
+"""Route a job's output to the cell that started it, and keep a log of it.
 
 ipykernel keeps the parent header of the executing request — which cell output belongs to — in
 ``contextvars`` for its streams, display publisher and display hook. A job captures the context of
-the cell that starts it and runs everything in a copy of it: its thread, its task, and the calls
-below that show its value, its traceback and its status. Output then carries the originating
-cell's header while the job runs, after that cell's reply and while other cells run; frontends keep
-listening to a cell's messages until it is run again, so it lands under that cell.
+the cell that starts it (its *home*) and everything it shows is sent from a copy of that context:
+what it prints and displays (see :mod:`concur_magics.routing`, which also brings in the job's own
+threads, executor workers and subprocesses), its value, its traceback and its status line. Output
+then carries the originating cell's header while the job runs, after that cell's reply and while
+other cells run; frontends keep listening to a cell's messages until it is run again, so it lands
+under that cell. When the cell *is* run again while the job runs, the job moves home to the new run
+(:meth:`CellOutput.rehome`), so its later output is not lost.
 
-The job's status line is a display with a ``display_id``; when the job ends it is refreshed with
+Everything a job shows is also kept in its :class:`OutputLog` (bounded: the last
+:data:`LOG_LIMIT` characters), which ``job.output`` and ``%jobs show`` read back — in a notebook run
+headless (nbclient, papermill) output that arrives after a cell's reply is otherwise dropped.
+
+The job's status line is a display with a ``display_id``; :class:`StatusLines` refreshes it about
+once a second while the job runs, and the job's end refreshes it a last time, with
 ``update_display_data``, which frontends apply to every output showing that id.
 
 All methods are thread-safe: they publish through the kernel's IOPub thread, whose loop keeps
@@ -16,64 +24,248 @@ running while the main thread computes.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from .tracebacks import job_traceback
+from .tracebacks import format_traceback, with_rendered_traceback  # noqa: F401 - their old home
 
 if TYPE_CHECKING:
     from .jobs import Job
 
-__all__ = ["CellOutput", "format_traceback", "with_rendered_traceback", "write_stream"]
+__all__ = ["LOG_LIMIT", "CellOutput", "OutputLog", "StatusLines", "current_job", "enter_job", "flush_streams",
+           "format_traceback", "with_rendered_traceback", "write_stream"]
 
 T = TypeVar("T")
 
+# The job whose code runs in this context: set by the drivers where a job's work starts, inherited
+# by the threads and tasks it starts (see routing.py). None in a cell's own context.
+current_job: contextvars.ContextVar[Job | None] = contextvars.ContextVar("concur_current_job", default=None)
 
-class CellOutput:
-    """The output area of the cell that was executing when this object was made.
+# Keys added to ipykernel's parent header in a job's context (JOB_KEY: the job's id) and for writers
+# no context names (UNOWNED_KEY); the routing hook takes them off before a message leaves.
+JOB_KEY = "concur_job"
+UNOWNED_KEY = "concur_unowned"
 
-    Without a shell (a script, or a job started with ``show=False``) only what the work itself
-    prints is shown; values, tracebacks and status lines are not.
+# Characters of output (stream text, and the text of displays, values and tracebacks) each job's
+# log keeps; past it the oldest output is dropped and the log says how much.
+LOG_LIMIT = 1_000_000
+
+
+def untagged(header: dict[str, Any]) -> dict[str, Any]:
+    """``header`` without the keys routing adds."""
+    return {k: v for k, v in header.items() if k not in (JOB_KEY, UNOWNED_KEY)}
+
+
+def enter_job(job: Job, shell: Any = None) -> None:
+    """Mark the calling context as ``job``'s code: call where a driver starts the job's work, in the
+    context it runs in. What it prints or displays is then routed by :mod:`concur_magics.routing`."""
+    from . import compat
+
+    current_job.set(job)
+    if shell is None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    compat.tag_parent_header(shell, JOB_KEY, job.id)
+    job._code_context = contextvars.copy_context()
+
+
+def _home_context() -> contextvars.Context:
+    """A copy of the calling context in which no job's code is running."""
+    context = contextvars.copy_context()
+    context.run(current_job.set, None)
+    return context
+
+
+class OutputLog:
+    """What a job showed, in order: stream text, displays, its value and its traceback.
+
+    Bounded to :data:`LOG_LIMIT` characters: the newest output is kept. Thread-safe.
     """
 
-    def __init__(self, shell: Any) -> None:
-        self.shell = shell
-        self.context = contextvars.copy_context()
+    def __init__(self, limit: int = LOG_LIMIT) -> None:
+        self.limit = limit
+        self.dropped = 0  # characters dropped from the front
+        self._entries: collections.deque[list[Any]] = collections.deque()
+        self._size = 0
+        self._lock = threading.Lock()
 
-    def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Call ``fn(*args)`` in a fresh copy of the cell's context (so prints go to the cell).
+    def add_stream(self, name: str, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            last = self._entries[-1] if self._entries else None
+            if last is not None and last[0] == "stream" and last[1] == name:
+                last[2] += text  # print() writes text and newline apart: keep them one entry
+            else:
+                self._entries.append(["stream", name, text])
+            self._grow(len(text))
+
+    def add_display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None, kind: str = "display") -> None:
+        """Record a display (``kind="value"`` for the job's value)."""
+        self._add([kind, dict(data), dict(metadata or {})])
+
+    def add_error(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        self._add(["error", ename, evalue, list(traceback)])
+
+    def _add(self, entry: list[Any]) -> None:
+        size = _entry_size(entry)
+        with self._lock:
+            self._entries.append(entry)
+            self._grow(size)
+
+    def _grow(self, size: int) -> None:
+        self._size += size
+        while self._size > self.limit and self._entries:
+            first = self._entries[0]
+            excess = self._size - self.limit
+            if first[0] == "stream" and excess < len(first[2]):
+                first[2] = first[2][excess:]  # keep the end of a long stream
+                removed = excess
+            else:
+                self._entries.popleft()
+                removed = _entry_size(first)
+            self._size -= removed
+            self.dropped += removed
+
+    def entries(self) -> list[list[Any]]:
+        """A snapshot of the entries: ``["stream", name, text]``, ``["display" | "value", data,
+        metadata]``, ``["error", ename, evalue, traceback_lines]``."""
+        with self._lock:
+            return [list(entry) for entry in self._entries]
+
+    def text(self) -> str:
+        """The log as plain text: streams, the ``text/plain`` of displays, tracebacks."""
+        from .frontend import strip_ansi
+
+        parts = [f"[... {self.dropped} characters of earlier output dropped ...]\n"] if self.dropped else []
+        for entry in self.entries():
+            if entry[0] == "stream":
+                parts.append(entry[2])
+            elif entry[0] in ("display", "value"):
+                parts.append(str(entry[1].get("text/plain", "")) + "\n")
+            else:
+                parts.append(strip_ansi("\n".join(entry[3])) + "\n")
+        return "".join(parts)
+
+    def replay(self, shell: Any) -> None:
+        """Show the log again in the calling cell (``%jobs show``)."""
+        from . import compat
+
+        if self.dropped:
+            write_stream("stderr", f"[... {self.dropped} characters of earlier output dropped ...]\n")
+        for entry in self.entries():
+            if entry[0] == "stream":
+                write_stream(entry[1], entry[2])
+            elif shell is None:
+                write_stream("stdout", OutputLog._plain(entry))
+            elif entry[0] in ("display", "value"):
+                shell.display_pub.publish(data=entry[1], metadata=entry[2])
+            else:
+                compat.publish_error(shell, _named_error(entry[1]), _RecordedError(entry[2]), entry[3])
+
+    @staticmethod
+    def _plain(entry: list[Any]) -> str:
+        from .frontend import strip_ansi
+
+        if entry[0] == "error":
+            return strip_ansi("\n".join(entry[3])) + "\n"
+        return str(entry[1].get("text/plain", "")) + "\n"
+
+
+def _entry_size(entry: list[Any]) -> int:
+    if entry[0] == "stream":
+        return len(entry[2])
+    if entry[0] == "error":
+        return sum(map(len, entry[3]))
+    return sum(len(v) if isinstance(v, str) else len(repr(v)) for v in entry[1].values())
+
+
+class _RecordedError(Exception):
+    """Stands for a recorded error when its traceback is shown again."""
+
+
+def _named_error(name: str) -> type[BaseException]:
+    return type(name, (_RecordedError,), {})
+
+
+class CellOutput:
+    """The output area of the cell that was executing when this object was made (the *home*).
+
+    Without a shell (a script, or a job started with ``show=False``) only what the work itself
+    prints is shown; values, tracebacks and status lines are not. With a ``log``, everything shown
+    through this object is recorded there too.
+    """
+
+    def __init__(self, shell: Any, log: OutputLog | None = None) -> None:
+        self.shell = shell
+        self.log = log
+        self.rehome()
+
+    def rehome(self) -> None:
+        """Make the calling cell the home (a rerun of the cell, while the job runs)."""
+        from . import compat
+
+        self.context = _home_context()
+        # The home's parent header, which routing gives the messages of the job's own code.
+        self.header = untagged(compat.parent_header(self.shell))
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn(*args)`` in a fresh copy of the home context (so output goes to the cell).
 
         A fresh copy each time: a context can't be entered by two threads at once.
         """
-        return self.context.copy().run(fn, *args)
+        return self.context.copy().run(fn, *args, **kwargs)
 
     def show_value(self, value: Any) -> None:
         """Show a job's final value in the cell, the way the cell's own result would look."""
-        if value is None or self.shell is None:
+        if value is None:
+            return
+        if self.shell is None:
+            if self.log is not None:
+                self.log.add_display({"text/plain": repr(value)}, kind="value")
             return
         self.run(self._publish_value, value)
 
     def _publish_value(self, value: Any) -> None:
         data, metadata = self.shell.display_formatter.format(value)
+        flush_streams()  # the job's printed lines reach its log (and the cell) before its value
+        if self.log is not None:
+            self.log.add_display(data, metadata, kind="value")
         self.shell.display_pub.publish(data=data, metadata=metadata)
 
     def show_error(self, error: BaseException) -> None:
         """Show the job's traceback in the cell, as IPython shows a failing cell's."""
         if self.shell is None:
+            if self.log is not None:
+                import traceback
+
+                self.log.add_error(type(error).__name__, str(error), traceback.format_exception(error))
             return
         self.run(self._publish_error, error)
 
     def _publish_error(self, error: BaseException) -> None:
         from . import compat
 
-        etype, tb = type(error), error.__traceback__
-        render = getattr(error, "_render_traceback_", None)  # IPython's hook: lines made elsewhere
-        stb = render() if render is not None else self.shell.InteractiveTB.structured_traceback(etype, error, tb)
+        etype = type(error)
+        stb = job_traceback(self.shell, error)  # the user's frames only, as in a plain cell
+        flush_streams()
+        if self.log is not None:
+            self.log.add_error(etype.__name__, str(error), stb)
         compat.publish_error(self.shell, etype, error, stb)
 
-    def write(self, name: str, text: str) -> None:
-        """Write ``text`` to the cell's ``stdout`` or ``stderr``."""
-        self.run(write_stream, name, text)
+    def write(self, name: str, text: str, *, flush: bool = True) -> None:
+        """Write ``text`` to the cell's ``stdout`` or ``stderr`` (sent at once with ``flush``, else
+        with the stream's next batch, as a print is)."""
+        if self.log is not None:
+            self.log.add_stream(name, text)
+        self.run(write_stream, name, text, flush)
 
     def start_job(self, job: Job) -> None:
         """Show a job's status line (a display that :meth:`report` updates in place)."""
@@ -91,7 +283,7 @@ class CellOutput:
         self.show(job, job.display_id, update=job._began)
 
     def show(self, obj: Any, display_id: str, *, update: bool = False) -> None:
-        """Display ``obj`` under ``display_id`` (or refresh every output showing it)."""
+        """Display ``obj`` under ``display_id`` (or refresh every output showing it); not logged."""
         if self.shell is None:
             return
         self.run(self._publish_display, obj, display_id, update)
@@ -103,56 +295,109 @@ class CellOutput:
         )
 
 
-def write_stream(name: str, text: str) -> None:
-    """Write to this context's ``sys.stdout`` (or ``sys.stderr`` for ``name == "stderr"``) at once."""
+class StatusLines:
+    """Refreshes the status line of every running job about once a second, from one timer on the
+    kernel's IOPub loop (which keeps running while a cell blocks the main thread).
+
+    It also notices when the kernel's main loop is held up (a cell computing without awaiting):
+    loop and ``%%every`` jobs cannot run then, and their lines say so. The timer starts with the
+    first job that shows a line and stops when none runs. Thread-safe.
+    """
+
+    INTERVAL = 1.0
+    # Jobs refreshed per tick, newest first: a line a second each for more would flood the frontend.
+    MOST = 100
+
+    def __init__(self, iopub_loop: Any, jobs: Callable[[], list[Job]], main_loop: Any) -> None:
+        self.iopub_loop = iopub_loop  # a tornado IOLoop
+        self.jobs = jobs
+        self.main_loop = main_loop  # an asyncio loop, or None
+        self._timer: Any = None
+        self._lock = threading.Lock()
+        self._answered = time.monotonic()
+        self._woken = False
+        self.held_up = False
+        self.closed = False
+
+    def wake(self) -> None:
+        """A job has started: make sure the timer runs."""
+        with self._lock:
+            self._woken = True
+            if self._timer is not None or self.closed:
+                return
+            self._timer = True  # starting
+        self.iopub_loop.add_callback(self._start)
+
+    def _start(self) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        with self._lock:
+            if self.closed:
+                self._timer = None
+                return
+            self._timer = PeriodicCallback(self._tick, self.INTERVAL * 1000)
+            self._timer.start()
+        self._answered = time.monotonic()  # the main loop is judged from the first ping on
+        self._ping()
+
+    def _tick(self) -> None:
+        with self._lock:
+            self._woken = False
+        running = [job for job in self.jobs() if job._began and job._out is not None and job._out.shell is not None]
+        if not running:
+            self._stop_timer(unless_woken=True)  # not if a job began since the list was read
+            return
+        self._check_main_loop()
+        for job in sorted(running, key=lambda j: j.id, reverse=True)[: self.MOST]:
+            job.refresh_status_line(held_up=self.held_up and job.mode in ("loop", "every"))
+
+    def _check_main_loop(self) -> None:
+        loop = self.main_loop
+        if loop is None or loop.is_closed():
+            return
+        # The loop answered the ping sent at the last tick, or it is blocked.
+        self.held_up = time.monotonic() - self._answered > 1.5 * self.INTERVAL
+        self._ping()
+
+    def _ping(self) -> None:
+        loop = self.main_loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._answer)
+        except RuntimeError:  # closed meanwhile
+            pass
+
+    def _answer(self) -> None:
+        self._answered = time.monotonic()
+
+    def _stop_timer(self, unless_woken: bool = False) -> None:
+        with self._lock:
+            if unless_woken and self._woken:
+                return
+            timer, self._timer = self._timer, None
+        if timer is not None and timer is not True:
+            timer.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+        try:
+            self.iopub_loop.add_callback(self._stop_timer)
+        except RuntimeError:
+            pass
+
+
+def flush_streams() -> None:
+    """Send what has been printed so far (and let routing log it) before what comes next."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def write_stream(name: str, text: str, flush: bool = True) -> None:
+    """Write to this context's ``sys.stdout`` (or ``sys.stderr`` for ``name == "stderr"``), at once
+    with ``flush``."""
     stream = sys.stderr if name == "stderr" else sys.stdout
     stream.write(text)
-    stream.flush()
-
-
-def format_traceback(error: BaseException, shell: Any = None, relabel: dict[str, str] | None = None) -> list[str]:
-    """Format ``error`` as IPython shows a failing cell (frames marked ``__tracebackhide__`` left out).
-
-    Used where the failure happened — a forked child, a Dask worker — because only there do the
-    real frames exist; the lines travel with the exception (see :func:`with_rendered_traceback`).
-
-    Parameters
-    ----------
-    shell:
-        The shell whose traceback formatter to use; without one, IPython's verbose formatter.
-    relabel:
-        File names to show as cell labels, e.g. ``{"/tmp/ipykernel_1/123.py": "Cell In[7]"}``
-        (a Dask worker has no shell to know them).
-    """
-    tb = error.__traceback__
-    if shell is not None:
-        lines = shell.InteractiveTB.structured_traceback(type(error), error, tb)
-    else:
-        from IPython.core.ultratb import VerboseTB
-
-        try:
-            formatter = VerboseTB(theme_name="linux")
-        except TypeError:  # IPython < 9
-            formatter = VerboseTB(color_scheme="Linux")  # type: ignore[call-arg]
-        lines = formatter.structured_traceback(type(error), error, tb)
-    for filename, label in (relabel or {}).items():
-        lines = [_relabel(line, filename, label) for line in lines]
-    return list(lines)
-
-
-def _relabel(line: str, filename: str, label: str) -> str:
-    import re
-
-    # "File /tmp/x.py:4" (possibly with colour codes around the name) -> "Cell In[7], line 4"
-    pattern = re.compile(r"File (\x1b\[[0-9;]*m)*" + re.escape(filename) + r"(\x1b\[[0-9;]*m)*:(\d+)")
-    return pattern.sub(lambda m: f"{label}, line {m.group(3)}", line)
-
-
-def with_rendered_traceback(error: BaseException, lines: list[str] | None) -> BaseException:
-    """Make IPython show ``lines`` for ``error`` (its ``_render_traceback_`` hook); return ``error``."""
-    if lines:
-        try:
-            error._render_traceback_ = lambda: lines  # type: ignore[attr-defined]
-        except AttributeError:  # an exception type without a __dict__: show its own traceback
-            pass
-    return error
+    if flush:
+        stream.flush()

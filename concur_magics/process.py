@@ -35,8 +35,9 @@ from typing import Any
 
 from tblib import Traceback
 
-from .child import UnsentText, child_main
-from .output import with_rendered_traceback, write_stream
+from .child import WHERE_SIGNAL, UnsentText, child_main
+from .output import write_stream
+from .tracebacks import Frames, rebuilt_frames, with_rendered_traceback
 from .timeout import CellTimeout
 
 __all__ = [
@@ -54,6 +55,10 @@ __all__ = [
 # far more loosely than the work: a cell that did its job within its limit should not lose its
 # results because they are big.
 COPY_BACK_LIMIT = 60.0
+# Seconds the child has, at its deadline, to say which line it is on before it is killed. A child
+# running Python answers within a millisecond; one stuck in C code never does, and is killed this
+# much later than the deadline.
+WHERE_WAIT = 0.25
 
 
 class NamesNotCopiedWarning(UserWarning):
@@ -138,7 +143,7 @@ class Children:
             finally:
                 self._pids.discard(pid)
         if os.WIFSIGNALED(status):
-            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            return f"killed by {_signal_name(os.WTERMSIG(status))}"
         return f"exit code {os.WEXITSTATUS(status)}"
 
     def kill_all(self) -> None:
@@ -228,6 +233,13 @@ def run_in_child(
                 guardian.stop()
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time signals have no name of their own
+        return f"signal {number}"
+
+
 def _fork() -> int:
     # Python 3.12+ warns that forking a multi-threaded process may deadlock the child, because
     # locks held by other threads stay locked in it. Our child never touches the parent's threads,
@@ -235,11 +247,22 @@ def _fork() -> int:
     # publisher with its own pipe, never uses ZMQ or the event loop, and leaves with os._exit. The
     # user's code in it takes the same risk as under multiprocessing's "fork" start method. So we
     # silence exactly that warning, for this call only.
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning
-        )
-        return os.fork()
+    #
+    # The child is born with WHERE_SIGNAL blocked and unblocks it once it has a handler for it: a
+    # deadline shorter than the child's start would otherwise kill it with that signal.
+    blocked = {WHERE_SIGNAL}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    pid = -1
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning
+            )
+            pid = os.fork()
+        return pid
+    finally:
+        if pid != 0:  # the parent (or a failed fork): as it was
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class _Guardian:
@@ -331,6 +354,9 @@ def _relay(
         if remaining <= 0 or not conn.poll(remaining):
             if time.monotonic() < deadline:
                 continue
+            frames = None
+            if not copying:
+                frames, last_batch = _ask_where(conn, pid, shell, last_batch)
             children.kill(pid)
             if copying:
                 raise CopyBackTimeout(
@@ -340,7 +366,9 @@ def _relay(
                     "nothing was copied back"
                 )
             _drain(conn, shell, unsent, last_batch)
-            raise CellTimeout(limit, "process", "killed", f"(pid {pid})")
+            # The child's frames at the deadline, so the traceback shows the line it was on.
+            error = CellTimeout(limit, "process", "killed", f"(pid {pid})")
+            raise error.with_traceback(rebuilt_frames(frames))
         try:
             kind, *payload = pickle.loads(conn.recv_bytes())
         except EOFError:
@@ -397,6 +425,34 @@ def _display(shell: Any, kind: str, kwargs: dict[str, Any]) -> None:
         shell.display_pub.clear_output(**kwargs)
     else:
         shell.display_pub.publish(**kwargs)
+
+
+def _ask_where(
+    conn: Connection, pid: int, shell: Any, last_batch: int
+) -> tuple[Frames | None, int]:
+    """Ask the child which user frames it is running (``WHERE_SIGNAL``); wait up to ``WHERE_WAIT``.
+
+    Returns its answer (None when it can't answer: C code holding the GIL) and the number of the
+    last batch of text received, replaying the output that arrives meanwhile.
+    """
+    try:
+        os.kill(pid, WHERE_SIGNAL)
+    except ProcessLookupError:
+        return None, last_batch
+    until = time.monotonic() + WHERE_WAIT
+    try:
+        while conn.poll(max(until - time.monotonic(), 0)):
+            kind, *payload = pickle.loads(conn.recv_bytes())
+            if kind == "where":
+                return payload[0], last_batch
+            if kind == "streams":
+                _write_streams(payload[0])
+                last_batch = max(last_batch, payload[1])
+            elif kind == "display":
+                _display(shell, *payload)
+    except (EOFError, OSError, pickle.UnpicklingError):
+        pass
+    return None, last_batch
 
 
 def _drain(conn: Connection, shell: Any, unsent: UnsentText, last_batch: int) -> None:

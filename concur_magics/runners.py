@@ -27,7 +27,7 @@ from . import compat
 from .cells import CompiledCell, compile_cell
 from .deadlines import check_seconds
 from .jobs import Job, JobStopped, loop_timer
-from .output import CellOutput
+from .output import CellOutput, enter_job
 from .runtime import Runtime
 
 __all__ = ["MODES", "background"]
@@ -90,6 +90,7 @@ def background(
     if mode is not None and mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     runtime = Runtime.current()
+    runtime.route(shell)
     if mode == "dask":
         from .cluster import background_dask
 
@@ -112,7 +113,7 @@ def background(
         # A rerun never loses the earlier job without a word; it keeps running (it may hold work
         # the user wants), and this says how to stop it.
         print(f"{old.label} from an earlier run of this cell is still running "
-              f"({old.elapsed:.1f} s); %jobs cancel {old.id} stops it")
+              f"({old.elapsed:.1f} s); its output goes on here; %jobs cancel {old.id} stops it")
     return job
 
 
@@ -194,6 +195,7 @@ def _start_thread(runtime: Runtime, job: Job, call: Callable[[], Any], is_async:
     def main() -> None:
         __tracebackhide__ = True
         threading.current_thread().name = f"concur-job-{job.id}"
+        enter_job(job, out.shell)
         target = _ThreadTarget()
         if not job.begin(target.interrupt, runtime.deadlines.call_later):
             return
@@ -230,6 +232,7 @@ def _start_task(runtime: Runtime, job: Job, call: Callable[[], Any], out: CellOu
         __tracebackhide__ = True
         task = asyncio.current_task()
         assert task is not None
+        enter_job(job, out.shell)
         # The loop's own timers: a loop job's deadline and stop follow-ups cost no thread.
         if not job.begin(lambda: loop.call_soon_threadsafe(task.cancel), loop_timer(loop)):
             return

@@ -17,11 +17,15 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from . import compat
 from .cluster import Cluster
 from .deadlines import SIGNUM, Engine
-from .jobs import CellActivity, JobTable
+from .jobs import Job
+from .table import CellActivity, JobTable
+from .output import UNOWNED_KEY, StatusLines
 from .pool import WorkerPool
 from .process import Children
+from .routing import Routing
 
 if TYPE_CHECKING:
     from .schedule import Clock
@@ -42,6 +46,9 @@ class Runtime:
     jobs, activity, deadlines, clocks, children, cluster, workers:
         The job table, foreground-cell activity, the deadline engine, running clocks by id,
         process-mode children, the Dask connection and the pool of job threads.
+    routing, status_lines:
+        What carries a job's cell into the threads and subprocesses it starts, and the timer that
+        refreshes running jobs' status lines (both once there is a kernel shell, see :meth:`route`).
     """
 
     _current: ClassVar[Runtime | None] = None
@@ -60,6 +67,9 @@ class Runtime:
         self.children = Children()
         self.cluster = Cluster()
         self.workers = WorkerPool()
+        self.routing = Routing(self.jobs)
+        self.status_lines: StatusLines | None = None
+        self.activity.on_start.add(self._cell_started)
         self.closed = False
         self.pid = os.getpid()
         self._lock = threading.Lock()
@@ -99,9 +109,10 @@ class Runtime:
                         current.loop = asyncio.get_running_loop()
                     except RuntimeError:
                         pass
-                return current
-            cls._current = Runtime(shell)
-            return cls._current
+            else:
+                current = cls._current = Runtime(shell)
+        current.route(shell)
+        return current
 
     @classmethod
     def deactivate(cls, runtime: Runtime) -> None:
@@ -110,6 +121,37 @@ class Runtime:
             if cls._current is runtime:
                 cls._current = None
         runtime.close()
+
+    def route(self, shell: Any) -> None:
+        """Route what jobs start to their cells, and refresh their status lines, in ``shell``'s
+        kernel (idempotent; nothing to do outside IPython)."""
+        if shell is None or self.closed:
+            return
+        self.routing.install(shell)
+        with self._lock:
+            if self.status_lines is not None:
+                return
+            loop = compat.iopub_loop(shell)
+            if loop is None:
+                return
+            self.status_lines = StatusLines(loop, self.jobs.running, self.loop)
+            self.jobs.on_begin = self._job_began
+
+    def _job_began(self, job: Job) -> None:
+        if self.status_lines is not None and job._out is not None and job._out.shell is not None:
+            self.status_lines.wake()
+
+    def _cell_started(self) -> None:
+        """A cell starts: jobs of an earlier run of *this* cell move their output here, since the
+        frontend has cleared the earlier run's output and no longer listens to it."""
+        compat.tag_unowned(UNOWNED_KEY)
+        cell, run = compat.execution(self.shell)
+        if cell is None:
+            return
+        for job in self.jobs.running():
+            if job.cell == cell and job.run != run and job._out is not None and job._out.shell is not None:
+                job._out.rehome()
+                job._out.start_job(job)  # its status line, shown again in the new run
 
     def kernel_loop(self) -> asyncio.AbstractEventLoop | None:
         """The kernel's loop if it is running, for work started from other threads."""
@@ -131,6 +173,9 @@ class Runtime:
             names = ", ".join(job.label for job in stuck)
             print(f"concur_magics: jobs still running after cancel (stuck in C code?): {names}", file=sys.stderr)
         self.workers.close()
+        self.routing.close()
+        if self.status_lines is not None:
+            self.status_lines.close()
         self.children.kill_all()
         self.cluster.close()
         self.deadlines.close()

@@ -24,10 +24,11 @@ from typing import Any
 
 from tornado.ioloop import IOLoop, PeriodicCallback
 
+from . import compat
 from .cells import compile_cell
 from .deadlines import check_seconds
 from .jobs import Job, loop_timer
-from .output import CellOutput
+from .output import CellOutput, enter_job
 from .runtime import Runtime
 
 __all__ = ["MIN_INTERVAL", "Clock", "WallClockTimer", "every", "start_clock", "stop_clocks"]
@@ -194,9 +195,7 @@ def start_clock(shell: Any, interval: float = 1.0, fmt: str = DEFAULT_FORMAT) ->
     ValueError
         For an interval under 1 ms or over 24.8 days.
     """
-    kernel = getattr(shell, "kernel", None)
-    iopub = getattr(kernel, "iopub_thread", None)
-    loop = getattr(iopub, "io_loop", None)
+    loop = compat.iopub_loop(shell)
     if loop is None:
         raise RuntimeError("%clock needs a Jupyter kernel (ipykernel): it updates a cell's output")
     return Clock(loop, interval, fmt, CellOutput(shell), Runtime.current().clocks).start()
@@ -256,6 +255,7 @@ def every(
     if times is not None and times < 1:
         raise ValueError(f"times must be at least 1, got {times}")
     runtime = Runtime.current()
+    runtime.route(shell)
     ns = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
     compiled = compile_cell(source, shell=shell, first_line=first_line)
     out = CellOutput(shell)
@@ -335,6 +335,7 @@ class _Schedule:
 
     async def run_once(self) -> None:
         __tracebackhide__ = True
+        enter_job(self.job, self.out.shell)
         try:
             value = self.cell.run(self.ns) if not self.cell.is_async else await self.cell.run_async(self.ns)
         except BaseException as exc:  # noqa: BLE001 - SystemExit and friends end the job, not the loop

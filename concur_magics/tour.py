@@ -36,6 +36,14 @@ CELLS: list[tuple[str, str]] = [
         "    time.sleep(0.3)\nticks = 3\n'ticked'",
     ),
     ("Meanwhile, another cell runs; its output stays here", "time.sleep(1.2)\nprint('the main thread was busy')"),
+    (
+        "What a job starts reports to the job's cell: its threads and its subprocesses",
+        "%%background -n helpers\nimport subprocess, threading\ntime.sleep(0.5)\n"
+        "t = threading.Thread(target=print, args=('from a thread the job started',))\nt.start(); t.join()\n"
+        "subprocess.run(['echo', 'from a subprocess the job ran'])",
+    ),
+    ("Meanwhile this cell runs; none of that lands here", "time.sleep(1)\nprint('only this cell\\'s line')"),
+    ("Each job keeps its output: %jobs show NAME shows it again here", "%jobs show helpers"),
     ("A job on the kernel's own loop: 10,000 coroutines, no thread each", "%%background -n sleepers\nimport asyncio\nawait asyncio.gather(*(asyncio.sleep(1) for _ in range(10_000)))\n'all slept'"),
     ("A failing job shows its traceback in its own cell", "%%background -n broken\n1 / 0"),
     ("A job you cancel", "%%background -n forever\nwhile True:\n    pass"),

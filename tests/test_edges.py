@@ -141,7 +141,7 @@ def test_300_thread_jobs_in_a_tight_loop_all_end(kernel: Kernel) -> None:
         "import concur_magics, time\n"
         "burst = [concur_magics.background(lambda i=i: i, show=False) for i in range(300)]\n"
         "for j in burst[::3]:\n    j.cancel()\n"
-        "concur_magics.jobs.wait_for_jobs(burst, 60)\n"
+        "concur_magics.table.wait_for_jobs(burst, 60)\n"
         "sorted(set(j.status for j in burst)), sum(j.result() for j in burst if j.status == 'done') > 0",
         timeout=90,
     )
@@ -230,7 +230,7 @@ def test_ended_jobs_do_not_pin_their_results_forever(kernel: Kernel) -> None:
         "refs = []\n"
         "def make():\n    big = Big(10**6)\n    refs.append(weakref.ref(big))\n    return big\n"
         "made = [concur_magics.background(make, show=False) for _ in range(300)]\n"
-        "concur_magics.jobs.wait_for_jobs(made, 60)\n"
+        "concur_magics.table.wait_for_jobs(made, 60)\n"
         # The threads that ended the last jobs may still be finishing their bookkeeping.
         "del made\ntime.sleep(0.5)\ngc.collect()\n"
         "kept = sum(r() is not None for r in refs)\n(kept, len(Runtime.current().jobs) <= 100 + len(Runtime.current().jobs.running()))",
@@ -266,7 +266,7 @@ def test_ten_thousand_loop_jobs_with_deadlines_start_no_thread(kernel: Kernel) -
     )
     assert cell.status == "ok", cell.text
     assert int(cell.results[-1]["text/plain"]) <= 0
-    run(kernel, "await concur_magics.jobs.wait_for_jobs_async(capped, 60)", timeout=90)
+    run(kernel, "await concur_magics.table.wait_for_jobs_async(capped, 60)", timeout=90)
     assert value(kernel, "sorted(set(j.status for j in capped))") == "['timeout']"
     run(kernel, "del capped\n%jobs clear")
 
