@@ -122,10 +122,15 @@ class Cluster:
                 pass  # keep the address: the next use reconnects to the same cluster
             else:
                 self.address = None
-        if client is not None:
-            client.close(timeout=10)
-        if local is not None:
-            local.close(timeout=10)
+        # Closing never fails the caller (unload, shutdown, %dask close): distributed can raise from
+        # its own bookkeeping here, e.g. a KeyError (2026.8) for a worker that was killed meanwhile.
+        for closeable in (client, local):
+            if closeable is None:
+                continue
+            try:
+                closeable.close(timeout=10)
+            except Exception as exc:  # noqa: BLE001 - reported in the kernel's log, not raised
+                logging.getLogger("concur_magics").warning("closing %r failed: %r", closeable, exc)
 
     def info(self) -> ClusterInfo:
         """What ``%dask`` shows: scheduler, workers, threads, memory, dashboard."""
