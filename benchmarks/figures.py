@@ -119,7 +119,7 @@ def timeout_precision(quick: bool) -> list[Row]:
     from concur_magics import CellTimeout, run_with_timeout
 
     limit = 0.3
-    repeats = 3 if quick else 7
+    repeats = 2 if quick else 7
     works = {"python loop": _spin, "time.sleep": _sleep, "C loop": _c_loop}
 
     def late(call: Callable[[], object], catch: tuple[type[BaseException], ...], budget: float = 5.0) -> float | None:
@@ -323,7 +323,7 @@ def _timed(call: Callable[[], object]) -> float:
 
 def clock(quick: bool) -> list[Row]:
     """%clock tick offsets, idle and while a cell blocks; the naive sleep-loop clock's drift."""
-    ticks = 3 if quick else 60
+    ticks = 2 if quick else 60
     import psutil
 
     with running_kernel() as kernel:
