@@ -1,14 +1,10 @@
-"""Run cells on Dask: a local cluster by default, an existing cluster by address.
+"""The Dask connection: a local cluster by default, an existing cluster by address.
 
-A cell sent to Dask is compiled here (IPython's transformers run in the kernel), and shipped as
-Python source with the names it reads from the namespace; a :class:`Job` or Dask future among them
-is passed as a Dask dependency, so the cluster — not the notebook — waits for it. On the worker the
-cell runs in a fresh namespace; its last expression and the names it binds come back and are bound
-in the notebook's namespace on the kernel's loop (never from another thread).
-
-Output: on the worker, ``sys.stdout``/``sys.stderr`` and ``distributed.print`` are routed, for code
-running one of our cells, to a Dask event topic tagged with the job; the kernel's client subscribes to
-that topic and writes each piece into the cell that started the job.
+:class:`Cluster` is the connection only: the client (lazily connected), what ``%dask`` shows, where
+a job's task started, and how to stop a task for real. Sending cells to Dask is
+:mod:`concur_magics.dask_jobs`; what runs on a worker is :mod:`concur_magics.remote`. Code that
+keeps state tied to the connection (running jobs, what it installed on the workers) registers a
+hook in :attr:`Cluster.on_close`, called before the client closes.
 
 Stopping: Dask's ``cancel`` forgets a task but leaves it running in its worker thread. To really stop
 it we cancel the future and then ask the Nanny of the worker that runs it to SIGKILL its worker
@@ -17,29 +13,20 @@ process; the Nanny starts a fresh worker, and the cluster keeps serving.
 
 from __future__ import annotations
 
-import contextvars
 import html
-import itertools
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cells import CompiledCell, compile_cell
-from .deadlines import CellTimeout
-from .jobs import Job
-from .output import CellOutput
-from .tracebacks import carried_frames, rebuilt_frames
-
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .output import CellOutput
 
-__all__ = ["ENV_SCHEDULER", "Cluster", "background_dask", "run_cell_on_dask"]
+__all__ = ["ENV_SCHEDULER", "Cluster", "ClusterInfo"]
 
 ENV_SCHEDULER = "CONCUR_DASK_SCHEDULER"
 TOPIC = "concur-output"
@@ -63,6 +50,9 @@ class Cluster:
         self._routes: dict[str, CellOutput] = {}
         self._started: dict[str, dict[str, Any]] = {}
         self._started_cond = threading.Condition(self._lock)
+        # Called with a reason at the start of close(), while the client still works: job code
+        # ends its jobs and removes what it installed on the workers.
+        self.on_close: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ connection
     @property
@@ -113,8 +103,17 @@ class Cluster:
             self.address = client.scheduler.address
             return client
 
-    def close(self) -> None:
-        """Disconnect; close the local cluster if we started it. Idempotent."""
+    def close(self, reason: str = "the Dask client was closed") -> None:
+        """Disconnect; close the local cluster if we started it. Idempotent.
+
+        The :attr:`on_close` hooks run first (when connected), each given ``reason``.
+        """
+        if self._client is not None:
+            for hook in list(self.on_close):
+                try:
+                    hook(reason)
+                except Exception as exc:  # noqa: BLE001 - one failing hook must not keep the client open
+                    print(f"concur_magics: closing the Dask connection: {exc!r}", file=sys.stderr)
         with self._lock:
             client, local = self._client, self._local
             self._client = self._local = None
@@ -174,6 +173,8 @@ class Cluster:
 
     def stop(self, future: Any, token: str) -> str:
         """Really stop a task: cancel it, then have its worker process killed. Returns what was done."""
+        from .remote import _exit_worker_process, _kill_worker_process
+
         client = self.client()
         client.cancel([future], force=True)
         place = self.where(token, wait=0.3)
@@ -237,404 +238,3 @@ def _has_dashboard(client: Any) -> bool:
     except Exception:  # noqa: BLE001 - an informational field only
         return False
 
-
-# --------------------------------------------------------------------------- submitting
-
-_tokens = itertools.count(1)
-
-
-@dataclass
-class Shipment:
-    """A cell ready to go to a worker."""
-
-    cell: CompiledCell
-    inputs: dict[str, Any]
-    waits_for: list[Job] = field(default_factory=list)  # non-Dask jobs to finish first
-    token: str = ""
-
-
-def prepare(cell: CompiledCell, namespace: dict[str, Any], shell: Any = None) -> Shipment:
-    """Collect the inputs a cell reads; Jobs become Dask futures (or things to wait for)."""
-    from distributed import Future
-
-    inputs: dict[str, Any] = {}
-    waits: list[Job] = []
-    for name in sorted(cell.reads):
-        if name not in namespace:
-            continue
-        value = namespace[name]
-        if isinstance(value, Job):
-            future = _value_future(value)
-            if future is not None:
-                value = future
-            else:
-                waits.append(value)
-        elif not isinstance(value, Future) and isinstance(value, type(sys)):
-            continue  # modules: the cell's own imports bring them on the worker
-        inputs[name] = value
-    return Shipment(cell, inputs, waits, f"{os.getpid()}-{next(_tokens)}")
-
-
-def _value_future(job: Job) -> Any:
-    """A Dask future of a dask job's value (its task returns the value and the names it bound)."""
-    future = job._dask_future
-    if future is None:
-        return None
-    value = getattr(job, "_dask_value", None)
-    if value is None:
-        value = future.client.submit(_first, future, key=f"{future.key}-value", pure=False)
-        job._dask_value = value  # type: ignore[attr-defined]
-    return value
-
-
-def _first(outcome: tuple[Any, Any]) -> Any:
-    return outcome[0]
-
-
-def submit(shipment: Shipment) -> Any:
-    """Submit a prepared cell; return its Dask future.
-
-    Raises
-    ------
-    TypeError
-        Naming the inputs that can't be serialised.
-    """
-    __tracebackhide__ = True
-    client = _cluster().client()
-    inputs = {
-        name: (value.result() if isinstance(value, Job) else value)
-        for name, value in shipment.inputs.items()
-    }
-    try:
-        cell = shipment.cell
-        return client.submit(
-            run_remote, cell.source, cell.filename, cell.first_line, inputs, shipment.token,
-            key=f"concur-cell-{shipment.token}", pure=False, retries=0,
-        )
-    except Exception:
-        bad = _unpicklable(inputs)
-        if bad:
-            raise TypeError(f"can't send to Dask, these inputs can't be serialised: {', '.join(bad)}") from None
-        raise
-
-
-def _unpicklable(inputs: dict[str, Any]) -> list[str]:
-    import cloudpickle
-    from distributed import Future
-
-    bad = []
-    for name, value in inputs.items():
-        if isinstance(value, Future):
-            continue
-        try:
-            cloudpickle.dumps(value)
-        except Exception as exc:  # noqa: BLE001 - we report which one, and why
-            bad.append(f"{name} ({type(value).__name__}: {exc})")
-    return bad
-
-
-def background_dask(
-    runtime: Runtime,
-    source: str,
-    *,
-    name: str | None = None,
-    timeout: float | None = None,
-    shell: Any = None,
-    namespace: dict[str, Any] | None = None,
-    first_line: int = 1,
-    cell: str | None = None,
-    run: str | None = None,
-) -> Job:
-    """Run cell ``source`` on a Dask worker as a background Job of ``runtime``.
-
-    The names the cell binds come back into the namespace on the kernel's loop (when there is one).
-    """
-    cluster = runtime.cluster
-    ns = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
-    compiled = compile_cell(source, shell=shell, first_line=first_line)
-    shipment = prepare(compiled, ns, shell)
-    cluster.client()  # connect (or start the local cluster) now, so errors show in this cell
-    out = CellOutput(shell)
-    job = runtime.jobs.add(Job(source, "dask", name, out=out, limit=timeout, cell=cell, run=run))
-    cluster.route(shipment.token, out)
-    stopping = threading.Lock()
-
-    def finish(status: str, value: Any = None, error: BaseException | None = None,
-               names: dict[str, Any] | None = None) -> None:
-        def on_loop() -> None:
-            if names:
-                ns.update(names)
-            job.settle(status, value, error)
-            cluster.unroute(shipment.token)
-
-        loop = runtime.kernel_loop()
-        if loop is not None:
-            loop.call_soon_threadsafe(on_loop)
-        else:
-            on_loop()
-
-    def stop_remote() -> None:
-        future = getattr(job, "_dask_future", None)
-        how = cluster.stop(future, shipment.token) if future is not None else "before it started"
-        status = job._stopping or "cancelled"
-        error = CellTimeout(job.limit or 0.0, "dask", "worker", f"({how})") if status == "timeout" else None
-        finish(status, error=error)
-
-    def interrupt() -> None:
-        if stopping.acquire(blocking=False):  # one remote stop, however often we are asked
-            threading.Thread(target=stop_remote, name=f"concur-dask-stop-{job.id}", daemon=True).start()
-
-    def start() -> None:
-        if job.done():
-            return
-        try:
-            future = submit(shipment)
-        except Exception as exc:  # noqa: BLE001 - shown in the cell, job status error
-            finish("error", error=exc)
-            return
-        job._dask_future = future  # type: ignore[attr-defined]
-        future.add_done_callback(
-            lambda f: threading.Thread(target=collect, args=(f,), name="concur-dask-result", daemon=True).start()
-        )
-
-    def collect(future: Any) -> None:
-        if job.done() or future.cancelled() or future.status == "cancelled":
-            return
-        try:
-            value, names = future.result()
-        except Exception as exc:  # noqa: BLE001 - the remote failure, with its traceback
-            finish("error", error=_explain(_rendered(exc)))
-            return
-        finish("done", value, names=names)
-
-    job.begin(interrupt, runtime.deadlines.call_later)
-    if shipment.waits_for:
-        pending = list(shipment.waits_for)
-        remaining = [len(pending)]
-        lock = threading.Lock()
-
-        def one_done(_: Job) -> None:
-            with lock:
-                remaining[0] -= 1
-                ready = remaining[0] == 0
-            if ready:
-                start()
-
-        for dependency in pending:
-            dependency.add_done_callback(one_done)
-    else:
-        start()
-    return job
-
-
-def _rendered(exc: BaseException) -> BaseException:
-    """``exc`` with the user's frames the worker sent (:func:`run_remote`) as its traceback.
-
-    The kernel formats them: it knows each cell's label and source, which a worker does not.
-    """
-    frames = getattr(exc, "_concur_frames", None)
-    return exc.with_traceback(rebuilt_frames(frames)) if frames else exc
-
-
-def _explain(exc: BaseException) -> BaseException:
-    if type(exc).__name__ == "KilledWorker":
-        return RuntimeError(f"the Dask worker running this job died (after Dask's retries): {exc}")
-    return exc
-
-
-def run_cell_on_dask(cell: CompiledCell, namespace: dict[str, Any], limit: float, shell: Any = None) -> Any:
-    """Run a cell on a worker in the foreground; at ``limit`` seconds stop it for real.
-
-    Raises
-    ------
-    CellTimeout
-        At the deadline, after the task was cancelled and its worker process killed.
-    """
-    __tracebackhide__ = True
-    import distributed
-
-    shipment = prepare(cell, namespace, shell)
-    for dependency in shipment.waits_for:
-        dependency.result()
-    cluster = _cluster()
-    cluster.route(shipment.token, CellOutput(shell))
-    try:
-        future = submit(shipment)
-        try:
-            value, names = future.result(timeout=limit)
-        except distributed.TimeoutError:
-            how = cluster.stop(future, shipment.token)
-            raise CellTimeout(limit, "dask", "worker", f"({how})") from None
-        except KeyboardInterrupt:
-            cluster.stop(future, shipment.token)
-            raise
-        except Exception as exc:
-            raise _rendered(exc)  # noqa: B904 - the remote exception itself, shown as the worker saw it
-        namespace.update(names)
-        return value
-    finally:
-        cluster.unroute(shipment.token)
-
-
-def run_call_on_dask(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], limit: float) -> Any:
-    """Call ``fn(*args, **kwargs)`` on a worker; at ``limit`` seconds stop it for real."""
-    import distributed
-
-    token = f"{os.getpid()}-{next(_tokens)}"
-    cluster = _cluster()
-    cluster.route(token, CellOutput(None))
-    try:
-        future = cluster.client().submit(
-            run_remote_call, fn, args, kwargs, token, key=f"concur-call-{token}", pure=False, retries=0
-        )
-        try:
-            return future.result(timeout=limit)
-        except distributed.TimeoutError:
-            how = cluster.stop(future, token)
-            raise CellTimeout(limit, "dask", "worker", f"({how})") from None
-    finally:
-        cluster.unroute(token)
-
-
-# --------------------------------------------------------------------------- on the worker
-
-_JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("concur_job", default=None)
-_patched = threading.Lock()
-
-
-class _RoutedStream:
-    """A worker's sys.stdout/err: writes made by our cells go to the kernel, the rest pass through."""
-
-    def __init__(self, original: Any, name: str) -> None:
-        self._original = original
-        self._name = name
-
-    def write(self, text: str) -> int:
-        token = _JOB.get()
-        if token is None:
-            return int(self._original.write(text) or 0)
-        if text:
-            from distributed import get_worker
-
-            get_worker().log_event(TOPIC, {"job": token, "name": self._name, "text": text})
-        return len(text)
-
-    def flush(self) -> None:
-        self._original.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._original, name)
-
-
-def _install_routing() -> None:
-    import distributed
-
-    with _patched:
-        if isinstance(sys.stdout, _RoutedStream):
-            return
-        sys.stdout = _RoutedStream(sys.stdout, "stdout")  # type: ignore[assignment]
-        sys.stderr = _RoutedStream(sys.stderr, "stderr")  # type: ignore[assignment]
-        original_print = distributed.print
-
-        def routed_print(*args: Any, **kwargs: Any) -> None:
-            # In our cells, print locally: the routed stream sends it to the right cell once.
-            if _JOB.get() is not None:
-                file = kwargs.pop("file", None)
-                print(*args, file=file if file is not None else sys.stdout, **kwargs)
-            else:
-                original_print(*args, **kwargs)
-
-        distributed.print = routed_print
-        distributed.worker.print = routed_print  # type: ignore[attr-defined]
-
-
-def run_remote(
-    source: str, filename: str, first_line: int, inputs: dict[str, Any], token: str
-) -> tuple[Any, dict[str, Any]]:
-    """Run a cell on a worker; return its last value and the names it bound."""
-    __tracebackhide__ = True
-    from distributed import get_worker
-
-    _install_routing()
-    worker = get_worker()
-    worker.log_event(STARTED, {"job": token, "worker": worker.address, "pid": os.getpid()})
-    # The same file name and line numbers as in the kernel, so the kernel shows the cell's lines.
-    cell = compile_cell(source, first_line=first_line, filename=filename)
-    _remember_source(filename, "\n" * (first_line - 1) + source)
-    namespace: dict[str, Any] = {"__name__": "__main__", **inputs}
-    before = dict(namespace)
-    reset = _JOB.set(token)
-    try:
-        if cell.is_async:
-            import asyncio
-
-            value = asyncio.run(cell.run_async(namespace))
-        else:
-            value = cell.run(namespace)
-    except BaseException as exc:  # noqa: BLE001 - SystemExit and friends must not reach the worker
-        # Cut to the user's frames here, where they are; they travel in the exception's __dict__
-        # and the kernel formats them with the cells' labels and sources.
-        carried = exc if isinstance(exc, Exception) else RemoteExit(exc)
-        try:
-            carried._concur_frames = carried_frames(exc.__traceback__)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - the exception itself still goes back
-            pass
-        if carried is exc:
-            raise
-        raise carried from None
-    finally:
-        sys.stdout.flush()
-        _JOB.reset(reset)
-    names = {
-        name: v for name, v in namespace.items()
-        if name not in ("__builtins__", "__name__") and before.get(name, _MISSING) is not v
-    }
-    return value, names
-
-
-_MISSING = object()
-
-
-class RemoteExit(Exception):
-    """``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit`` raised by a cell on a Dask worker,
-    carried back as an ordinary exception so it ends the job and never the worker."""
-
-    def __init__(self, exc: BaseException | str) -> None:
-        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}".rstrip(": ")
-        super().__init__(f"{text} (raised by the cell on the Dask worker)")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (RemoteExit, (self.args[0].rsplit(" (raised by", 1)[0],))
-
-
-def _remember_source(filename: str, source: str) -> None:
-    import linecache
-
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-
-
-def run_remote_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], token: str) -> Any:
-    """Call a function on a worker, reporting where it runs and routing its output."""
-    from distributed import get_worker
-
-    _install_routing()
-    worker = get_worker()
-    worker.log_event(STARTED, {"job": token, "worker": worker.address, "pid": os.getpid()})
-    reset = _JOB.set(token)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _JOB.reset(reset)
-
-
-def _kill_worker_process(pid: int, dask_worker: Any = None) -> None:
-    """Run in a Nanny: SIGKILL its worker process if it is the one running our task.
-
-    The Nanny sees its worker die and starts a fresh one.
-    """
-    if getattr(dask_worker, "pid", None) == pid:
-        os.kill(pid, signal.SIGKILL)
-
-
-def _exit_worker_process() -> None:
-    os._exit(1)
