@@ -20,6 +20,7 @@ __all__ = [
     "fd_watcher",
     "handled_exception",
     "iopub_loop",
+    "kernel_log",
     "loop_thread_id",
     "parent_header",
     "pickled_away_filename",
@@ -227,3 +228,23 @@ def running_cell(shell: Any) -> str | None:
         return None
     code = parent.get("content", {}).get("code")
     return code if isinstance(code, str) else None
+
+
+def kernel_log() -> Any:
+    """The kernel's own logger (a :class:`logging.Logger`), or None outside a kernel.
+
+    ``get_ipython().kernel.log``: ipykernel's ``IPKernelApp`` logger, shared by its kernel object
+    (a traitlets ``LoggingConfigurable``). When ipykernel captures file descriptor 2 it points that
+    logger's stderr handler at a copy of the process's original stderr
+    (``IPKernelApp.init_io``, ipykernel 6.x-7.4, checked on 7.4), so what it writes reaches the
+    terminal or the server's log and never a notebook. Missing (a terminal IPython, a script):
+    None, and callers leave logging alone.
+    """
+    import logging
+
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return None
+    log = getattr(getattr(get_ipython(), "kernel", None), "log", None)
+    return log if isinstance(log, logging.Logger) else None
