@@ -19,14 +19,21 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .kernel_log import KernelLog
+from .probe import SchedulerUnreachable, check_address, probe
+
 if TYPE_CHECKING:
+    from .jobs import Job
     from .output import CellOutput
 
-__all__ = ["ENV_SCHEDULER", "Cluster", "ClusterInfo"]
+__all__ = [
+    "ENV_SCHEDULER", "Cluster", "ClusterInfo", "JobOnCluster", "SchedulerUnreachable", "WorkerInfo",
+    "check_address",
+]
 
 ENV_SCHEDULER = "CONCUR_DASK_SCHEDULER"
 TOPIC = "concur-output"
@@ -39,14 +46,32 @@ class Cluster:
     Thread-safe. With no address it starts a :class:`distributed.LocalCluster` (worker processes, one
     per core, on 127.0.0.1) on first use, and closes it on :meth:`close`. With an address it attaches
     to that scheduler, and :meth:`close` only disconnects.
+
+    Attributes
+    ----------
+    address:
+        The scheduler to use. ``None``: the ``CONCUR_DASK_SCHEDULER`` environment variable, or a
+        local cluster when that is empty; ``""``: a local cluster. A change takes effect at the next
+        use, which connects to the new scheduler before letting go of the one in use.
+    security:
+        A :class:`distributed.Security` for ``tls://`` schedulers, or None: distributed's own
+        configuration (``distributed.comm.tls.*``) applies.
+    connect_timeout:
+        Seconds a connection attempt may take, whatever the other end does.
+    failed:
+        ``(address, why)`` of the last attempt that failed, until :meth:`close` forgets it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._client: Any = None
         self._local: Any = None
+        self._key: tuple[str, Any] | None = None  # (address, security) the client was made for
         self.address: str | None = None
+        self.security: Any = None
         self.connect_timeout = 5.0
+        self.failed: tuple[str, str] | None = None
+        self._log = KernelLog()
         self._routes: dict[str, CellOutput] = {}
         self._started: dict[str, dict[str, Any]] = {}
         self._started_cond = threading.Condition(self._lock)
@@ -64,70 +89,163 @@ class Cluster:
         """Whether the scheduler is a LocalCluster we started (and will close)."""
         return self._local is not None
 
-    def client(self, address: str | None = None) -> Any:
-        """The client, connecting (or starting a local cluster) on first use.
+    def target(self) -> str:
+        """The scheduler the next use connects to (a full address), or ``""`` for a local cluster.
 
         Raises
         ------
-        ConnectionError
-            If the scheduler at ``address`` can't be reached within ``connect_timeout`` seconds.
+        SchedulerUnreachable
+            If the address (say, from ``CONCUR_DASK_SCHEDULER``) is not a scheduler address.
+        """
+        address = self._wanted()
+        if not address.strip():
+            return ""
+        try:
+            return check_address(address)
+        except ValueError as exc:
+            raise SchedulerUnreachable(str(exc)) from None
+
+    def _wanted(self) -> str:
+        return self.address if self.address is not None else os.environ.get(ENV_SCHEDULER, "")
+
+    def client(self) -> Any:
+        """The client, connecting (or starting a local cluster) on first use, or when the address
+        or security changed since; the client in use is let go only once the new one works.
+
+        Raises
+        ------
+        SchedulerUnreachable
+            If no Dask scheduler answers at the address within ``connect_timeout`` seconds (the
+            message names the address and why), or if jobs of ours still run on the cluster in use.
+            A client connected earlier stays connected, and later uses go on with it.
         """
         with self._lock:
-            if self._client is not None:
+            try:
+                target = self.target()
+            except SchedulerUnreachable as exc:
+                self.failed = (self._wanted(), str(exc))
+                raise SchedulerUnreachable(f"{exc} (%dask close forgets this address)") from None
+            key = (target, self.security)
+            if self._client is not None and self._key == key:
                 return self._client
-            from distributed import Client, LocalCluster
-
-            address = address or self.address or os.environ.get(ENV_SCHEDULER) or None
-            if address:
-                try:
-                    client = Client(address, timeout=f"{self.connect_timeout}s", set_as_default=False)
-                except OSError as exc:
-                    raise ConnectionError(
-                        f"could not reach the Dask scheduler at {address} within "
-                        f"{self.connect_timeout:g} s: {exc}"
-                    ) from None
-            else:
-                self._local = LocalCluster(
-                    n_workers=os.cpu_count() or 1,
-                    threads_per_worker=1,
-                    processes=True,
-                    host="127.0.0.1",
-                    dashboard_address="127.0.0.1:0",
-                    silence_logs=logging.CRITICAL,  # failures are shown in the cells they belong to
+            if self._client is not None and self._routes:
+                raise SchedulerUnreachable(
+                    f"not switching to {target or 'a local cluster'}: {len(self._routes)} job(s) of "
+                    f"this kernel still run on {self._client.scheduler.address}; wait for them or "
+                    "cancel them (%jobs cancel) first"
                 )
-                client = Client(self._local, set_as_default=False)
-            # Output of our cells arrives tagged with its job; other prints keep Dask's handler.
-            client.subscribe_topic(TOPIC, self._on_output)
-            client.subscribe_topic(STARTED, self._on_started)
-            self._client = client
-            self.address = client.scheduler.address
-            return client
+            self._log.hold()  # what distributed logs while connecting stays out of the cell too
+            try:
+                client, local = self._start(target)
+            except SchedulerUnreachable as exc:
+                self._log.release()
+                self.failed = (target, str(exc))
+                if self._client is not None and self._key is not None:
+                    self.address, self.security = self._key  # later uses go on with what works
+                    raise SchedulerUnreachable(
+                        f"{exc}; still connected to {self._client.scheduler.address}"
+                    ) from None
+                raise SchedulerUnreachable(f"{exc} (%dask close forgets this address)") from None
+            previous = self._client is not None
+            if previous:
+                self._run_close_hooks(f"switched to the Dask scheduler at {client.scheduler.address}")
+            old = (self._client, self._local)
+            self._client, self._local, self._key = client, local, key
+            self.failed = None
+        if previous:
+            self._let_go(*old)
+        return client
 
-    def close(self, reason: str = "the Dask client was closed") -> None:
-        """Disconnect; close the local cluster if we started it. Idempotent.
+    def _start(self, target: str) -> tuple[Any, Any]:
+        """A new client of ``target``, and the LocalCluster it talks to if ``target`` is ``""``."""
+        from distributed import Client, LocalCluster
+
+        local = None
+        if target:
+            probe(target, self.connect_timeout, self.security)
+            try:
+                client = Client(target, timeout=f"{self.connect_timeout}s", set_as_default=False,
+                                security=self.security)
+            except Exception as exc:  # noqa: BLE001 - it answered the probe a moment ago
+                raise SchedulerUnreachable(
+                    f"could not connect to the Dask scheduler at {target}: {type(exc).__name__}: {exc}"
+                ) from None
+        else:
+            local = LocalCluster(
+                n_workers=os.cpu_count() or 1,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                silence_logs=logging.CRITICAL,  # failures are shown in the cells they belong to
+            )
+            client = Client(local, set_as_default=False)
+        # Output of our cells arrives tagged with its job; other prints keep Dask's handler.
+        client.subscribe_topic(TOPIC, self._on_output)
+        client.subscribe_topic(STARTED, self._on_started)
+        return client, local
+
+    def _run_close_hooks(self, reason: str) -> None:
+        for hook in list(self.on_close):
+            try:
+                hook(reason)
+            except Exception as exc:  # noqa: BLE001 - one failing hook must not keep the client open
+                print(f"concur_magics: closing the Dask connection: {exc!r}", file=sys.stderr)
+
+    def _let_go(self, client: Any, local: Any) -> None:
+        """Close a client (and the local cluster behind it), then give distributed's log back."""
+        try:
+            if client is not None:
+                client.close(timeout=10)
+            if local is not None:
+                local.close(timeout=10)
+        finally:
+            if client is not None:
+                self._log.release()
+
+    def close(self, reason: str = "the Dask client was closed") -> str:
+        """Disconnect; close the local cluster if we started it; forget an address whose last
+        connection attempt failed, so the next use doesn't wait on it again. Idempotent.
 
         The :attr:`on_close` hooks run first (when connected), each given ``reason``.
+
+        Returns
+        -------
+        str
+            What was done, in a line for the user.
         """
         if self._client is not None:
-            for hook in list(self.on_close):
-                try:
-                    hook(reason)
-                except Exception as exc:  # noqa: BLE001 - one failing hook must not keep the client open
-                    print(f"concur_magics: closing the Dask connection: {exc!r}", file=sys.stderr)
+            self._run_close_hooks(reason)
         with self._lock:
             client, local = self._client, self._local
-            self._client = self._local = None
-            if local is None:
-                pass  # keep the address: the next use reconnects to the same cluster
-            else:
-                self.address = None
-        if client is not None:
-            client.close(timeout=10)
-        if local is not None:
-            local.close(timeout=10)
+            self._client = self._local = self._key = None
+            failed, self.failed = self.failed, None
+            if local is not None:
+                self.address = None  # the next use reads CONCUR_DASK_SCHEDULER again
+            # else keep the address: the next use reconnects to the same cluster
+            forgot = ""
+            if failed is not None and failed[0] and failed[0] in (self._wanted(), self._target_or_none()):
+                self.address = ""
+                forgot = (f"forgot {failed[0]}, which could not be used; the next --dask cell "
+                          "starts a local cluster (or %dask connect ADDRESS)")
+        if client is None:
+            done = "not connected"
+        elif local is not None:
+            done = "closed the local cluster"
+        else:
+            done = f"disconnected from {client.scheduler.address}"
+        self._let_go(client, local)
+        return f"{done}\n{forgot}" if forgot else done
 
-    def info(self) -> ClusterInfo:
-        """What ``%dask`` shows: scheduler, workers, threads, memory, dashboard."""
+    def _target_or_none(self) -> str | None:
+        try:
+            return self.target()
+        except SchedulerUnreachable:
+            return None
+
+    def info(self, jobs: Iterable[Job] = ()) -> ClusterInfo:
+        """What ``%dask`` shows: scheduler, dashboard, workers, and ``jobs`` (this kernel's
+        ``--dask`` jobs) that are running on the cluster."""
         client = self.client()
         workers = client.scheduler_info(n_workers=-1)["workers"]
         return ClusterInfo(
@@ -135,8 +253,13 @@ class Cluster:
             ours=self.ours,
             workers=len(workers),
             threads=sum(w.get("nthreads", 0) for w in workers.values()),
-            memory=sum(w.get("memory_limit", 0) for w in workers.values()),
+            memory=sum(w.get("memory_limit", 0) or 0 for w in workers.values()),
             dashboard=client.dashboard_link if _has_dashboard(client) else None,
+            worker_list=[
+                WorkerInfo(address, w.get("nthreads", 0), w.get("memory_limit", 0) or 0)
+                for address, w in sorted(workers.items())
+            ],
+            jobs=[JobOnCluster(job.id, job.name or "", job.status, job.elapsed) for job in jobs],
         )
 
     # ------------------------------------------------------------------ events
@@ -175,7 +298,8 @@ class Cluster:
         """Really stop a task: cancel it, then have its worker process killed. Returns what was done."""
         from .remote import _exit_worker_process, _kill_worker_process
 
-        client = self.client()
+        # The client the task was sent with: stopping never connects, nor switches clusters.
+        client = self._client if self._client is not None else self.client()
         client.cancel([future], force=True)
         place = self.where(token, wait=0.3)
         if place is None:
@@ -198,8 +322,27 @@ def _cluster() -> Cluster:
 
 
 @dataclass
+class WorkerInfo:
+    """One worker of the cluster, as ``%dask`` lists it."""
+
+    address: str
+    threads: int
+    memory: int  # bytes; 0 when the worker has no limit
+
+
+@dataclass
+class JobOnCluster:
+    """One of this kernel's ``--dask`` jobs that is running on the cluster."""
+
+    id: int
+    name: str
+    status: str
+    elapsed: float
+
+
+@dataclass
 class ClusterInfo:
-    """A summary of the cluster, as text and HTML."""
+    """A summary of the cluster, as text and HTML: scheduler, dashboard, workers, our jobs."""
 
     address: str
     ours: bool
@@ -207,29 +350,69 @@ class ClusterInfo:
     threads: int
     memory: int
     dashboard: str | None
+    worker_list: list[WorkerInfo] = field(default_factory=list)
+    jobs: list[JobOnCluster] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "local cluster started by concur_magics" if self.ours else "existing cluster"
 
     def __repr__(self) -> str:
-        kind = "local cluster started by concur_magics" if self.ours else "existing cluster"
         lines = [
-            f"Dask scheduler {self.address} ({kind})",
-            f"workers: {self.workers}, threads: {self.threads}, memory: {self.memory / 2**30:.1f} GiB",
+            f"Dask scheduler {self.address} ({self.kind})",
+            f"workers: {self.workers}, threads: {self.threads}, memory: {_gib(self.memory)}",
         ]
         if self.dashboard:
             lines.append(f"dashboard: {self.dashboard}")
+        if self.worker_list:
+            width = max(len(w.address) for w in self.worker_list)
+            lines.append("")
+            lines.append(f"{'worker':<{width}}  threads  memory")
+            lines += [f"{w.address:<{width}}  {w.threads:<7}  {_gib(w.memory)}" for w in self.worker_list]
+        lines.append("")
+        if self.jobs:
+            lines.append("jobs of this kernel on the cluster:")
+            lines += [f"  #{j.id}{' ' + j.name if j.name else ''}  {j.status}  {j.elapsed:.1f} s"
+                      for j in self.jobs]
+        else:
+            lines.append("no jobs of this kernel on the cluster")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
+        e = html.escape
+        # JupyterLab's and Notebook's table style aligns cells right: these are words, not numbers.
+        left = "style='text-align:left'"
         link = (
-            f"<a href='{html.escape(self.dashboard)}' target='_blank'>{html.escape(self.dashboard)}</a>"
+            f"<a href='{e(self.dashboard)}' target='_blank'>{e(self.dashboard)}</a>"
             if self.dashboard else "not available (install bokeh)"
         )
-        kind = "local cluster started by concur_magics" if self.ours else "existing cluster"
-        return (
-            f"<table><tr><th>scheduler</th><td><code>{html.escape(self.address)}</code> ({kind})</td></tr>"
-            f"<tr><th>workers</th><td>{self.workers}</td></tr><tr><th>threads</th><td>{self.threads}</td></tr>"
-            f"<tr><th>memory</th><td>{self.memory / 2**30:.1f} GiB</td></tr>"
-            f"<tr><th>dashboard</th><td>{link}</td></tr></table>"
-        )
+        parts = [
+            f"<p><b>Dask scheduler</b> <code>{e(self.address)}</code> ({self.kind})<br>"
+            f"workers: {self.workers}, threads: {self.threads}, memory: {_gib(self.memory)}<br>"
+            f"dashboard: {link}</p>"
+        ]
+        if self.worker_list:
+            rows = "".join(
+                f"<tr><td {left}><code>{e(w.address)}</code></td><td {left}>{w.threads}</td>"
+                f"<td {left}>{_gib(w.memory)}</td></tr>" for w in self.worker_list
+            )
+            parts.append(f"<table><thead><tr><th {left}>worker</th><th {left}>threads</th>"
+                         f"<th {left}>memory</th></tr></thead><tbody>{rows}</tbody></table>")
+        if self.jobs:
+            rows = "".join(
+                f"<tr><td {left}>{j.id}</td><td {left}>{e(j.name)}</td><td {left}>{e(j.status)}</td>"
+                f"<td {left}>{j.elapsed:.1f} s</td></tr>" for j in self.jobs
+            )
+            parts.append(f"<p>jobs of this kernel on the cluster:</p><table><thead><tr>"
+                         f"<th {left}>id</th><th {left}>name</th><th {left}>status</th>"
+                         f"<th {left}>elapsed</th></tr></thead><tbody>{rows}</tbody></table>")
+        else:
+            parts.append("<p>no jobs of this kernel on the cluster</p>")
+        return "".join(parts)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "no limit"
 
 
 def _has_dashboard(client: Any) -> bool:
