@@ -417,8 +417,9 @@ class ConcurMagics(Magics):
     @magic_arguments()
     @argument(
         "action", nargs="?", default="info", choices=("info", "connect", "close"),
-        help="info (default): scheduler, workers, threads, memory, dashboard; connect ADDRESS: use "
-        "an existing cluster; close: disconnect (and close the local cluster if we started it)",
+        help="info (default): scheduler, dashboard, workers and this kernel's jobs on the cluster; "
+        "connect ADDRESS: use an existing cluster (the one in use stays if that fails); close: "
+        "disconnect (and close the local cluster if we started it; forget an address that failed)",
     )
     @argument("address", nargs="?", help="for connect: the scheduler address, e.g. tcp://10.0.0.5:8786")
     @line_magic
@@ -428,6 +429,10 @@ class ConcurMagics(Magics):
         By default a local cluster (worker processes, one per core) starts on first use. Set
         ``CONCUR_DASK_SCHEDULER``, ``%config ConcurMagics.dask_scheduler = "tcp://..."`` or use
         ``%dask connect ADDRESS`` to use an existing cluster instead (we never shut that one down).
+        A connection that fails within ``ConcurMagics.dask_connect_timeout`` is a UsageError naming
+        the address and why, and the cluster in use stays connected; ``%dask close`` also forgets
+        an address that could not be used. ``tls://`` takes distributed's TLS configuration or
+        ``%config ConcurMagics.dask_security``.
 
         Examples
         --------
@@ -436,6 +441,8 @@ class ConcurMagics(Magics):
             In [1]: %dask
             Dask scheduler tcp://127.0.0.1:40123 (local cluster started by concur_magics)
             workers: 2, threads: 2, memory: 23.4 GiB
+            ...
+            no jobs of this kernel on the cluster
 
             In [2]: %dask connect tcp://10.0.0.5:8786
             In [3]: %dask close
