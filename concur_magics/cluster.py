@@ -128,7 +128,8 @@ class Cluster:
             key = (target, self.security)
             if self._client is not None and self._key == key:
                 return self._client
-            if self._client is not None and self._routes:
+            if self._client is not None and self._routes and self._key is not None:
+                self.address, self.security = self._key  # later uses go on with the cluster in use
                 raise SchedulerUnreachable(
                     f"not switching to {target or 'a local cluster'}: {len(self._routes)} job(s) of "
                     f"this kernel still run on {self._client.scheduler.address}; wait for them or "
@@ -137,8 +138,10 @@ class Cluster:
             self._log.hold()  # what distributed logs while connecting stays out of the cell too
             try:
                 client, local = self._start(target)
-            except SchedulerUnreachable as exc:
+            except BaseException as exc:
                 self._log.release()
+                if not isinstance(exc, SchedulerUnreachable):
+                    raise
                 self.failed = (target, str(exc))
                 if self._client is not None and self._key is not None:
                     self.address, self.security = self._key  # later uses go on with what works

@@ -274,6 +274,12 @@ def test_dask_shows_workers_and_our_jobs_on_the_cluster(
         assert "worker" in text and "127.0.0.1" in text
         assert "napper" in text and "running" in text
         assert "<th style='text-align:left'>worker</th>" in page and "napper" in page
+        # Letting go of the client would lose the job's result: switching waits for it.
+        cell = run(connect_kernel, "%dask connect tcp://127.0.0.1:9")
+        assert cell.reply is not None and cell.reply["ename"] == "UsageError", cell.text
+        assert (f"not switching to tcp://127.0.0.1:9: 1 job(s) of this kernel still run on "
+                f"{dask_processes['address']}") in cell.stderr
+        assert f"Dask scheduler {dask_processes['address']}" in value(connect_kernel, "%dask")
     finally:
         run(connect_kernel, "%jobs cancel napper\n%jobs wait napper --timeout 30")
 
