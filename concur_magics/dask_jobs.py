@@ -291,6 +291,7 @@ class DaskRun:
         self.namespace = namespace
         self.future: Any = None
         self._stopping = threading.Lock()  # held by whoever stops the work: once
+        self._submitting = threading.Lock()  # a stop waits for a submit under way, to stop its task
         self._stopper: threading.Thread | None = None
 
     def after(self, jobs: list[Job]) -> None:
@@ -311,16 +312,17 @@ class DaskRun:
             self.start()
 
     def start(self) -> None:
-        if self.job.done() or self._stopping.locked():
-            return
-        try:
-            future = submit(self.shipment, self.session)
-        except Exception as exc:  # noqa: BLE001 - shown in the cell, job status error
-            self.finish("error", error=exc)
-            return
-        with self.job._lock:
-            self.future = self.job._dask_future = future
-        self.shipment.inputs = {}  # the task holds them now
+        with self._submitting:
+            if self.job.done() or self._stopping.locked():
+                return
+            try:
+                future = submit(self.shipment, self.session)
+            except Exception as exc:  # noqa: BLE001 - shown in the cell, job status error
+                self.finish("error", error=exc)
+                return
+            with self.job._lock:
+                self.future = self.job._dask_future = future
+            self.shipment.inputs = {}  # the task holds them now
         future.add_done_callback(
             lambda f: threading.Thread(target=self.collect, args=(f,), name="concur-dask-result", daemon=True).start()
         )
@@ -374,7 +376,8 @@ class DaskRun:
         self.finish(status, error=error)
 
     def _stop_work(self) -> str:
-        future = self.future
+        with self._submitting:
+            future = self.future
         if future is None:
             return "before it started"
         try:

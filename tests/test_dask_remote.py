@@ -100,6 +100,20 @@ def _plugins(observer: Any) -> list[str]:
 # --------------------------------------------------------------------------- nothing of ours
 
 
+def test_remote_imports_only_the_standard_library_and_distributed() -> None:
+    import ast
+
+    import concur_magics.remote
+
+    tree = ast.parse(Path(concur_magics.remote.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert not any(isinstance(node, ast.ImportFrom) and node.level for node in ast.walk(tree))
+    assert imported - set(sys.stdlib_module_names) == {"distributed"}
+
+
 def test_the_workers_have_no_concur_magics(observer: Any) -> None:
     import importlib.util
 
@@ -109,12 +123,13 @@ def test_the_workers_have_no_concur_magics(observer: Any) -> None:
 
 def test_a_cell_runs_on_a_bare_worker(kernel: Kernel) -> None:
     run(kernel, "base = 20\ndef helper(n):\n    return n + 1")
-    cell = run(kernel, "%%background --dask -o job\nimport os\nprint('on the worker', flush=True)\n"
+    cell = run(kernel, "%%background --dask -o job\nimport os, distributed\nprint('on the worker', flush=True)\n"
+                       "distributed.print('via distributed.print')\n"
                        "doubled = helper(base) * 2\nworker_pid = os.getpid()\ndoubled")
     run(kernel, "%jobs wait job --timeout 60")
     assert value(kernel, "job.status, job.result(), doubled") == "('done', 42, 42)"
     kernel.wait_until(lambda: any(r.get("text/plain") == "42" for r in cell.results), WITHIN, "the value")
-    assert cell.stdout == "on the worker\n"
+    assert cell.stdout == "on the worker\nvia distributed.print\n"
     assert int(value(kernel, "worker_pid")) != int(value(kernel, "__import__('os').getpid()"))
     cell = run(kernel, "%%timeout 60 --mode dask\nimport asyncio\nawait asyncio.sleep(0.1)\n'awaited'")
     assert cell.results[-1]["text/plain"] == "'awaited'", cell.text
@@ -126,17 +141,31 @@ def test_a_failure_shows_the_users_frames(kernel: Kernel) -> None:
     text = "\n".join(cell.error["traceback"])
     assert "----> 5 fail()" in text and "----> 4     raise KeyError('remote boom')" in text
     assert "remote.py" not in text and "dynamic-code" not in text
+    cell = run(kernel, "%%timeout 60 --mode dask\nimport sys\nsys.exit(3)")
+    assert cell.error is not None and "SystemExit: 3 (raised by the cell on the Dask worker)" in cell.error["evalue"]
 
 
 def test_a_timeout_kills_the_worker_process_and_the_next_cell_runs(kernel: Kernel) -> None:
     cell = run(kernel, "%%timeout 1 --mode dask\nimport os\nprint(os.getpid(), flush=True)\nwhile True:\n    pass")
     assert cell.error is not None and cell.error["ename"] == "CellTimeout", cell.text
     spinner = int(cell.stdout.split()[-1])
-    cell = run(kernel, "%%timeout 60 --mode dask\nimport os\nos.getpid()")
+    cell = run(kernel, "%%timeout 60 --mode dask\nimport os\nprint('fresh worker', flush=True)\nos.getpid()")
     assert int(cell.results[-1]["text/plain"]) != spinner, cell.text
+    assert cell.stdout == "fresh worker\n"  # the new worker process got the plugin as it joined
 
 
 # --------------------------------------------------------------------------- results move once
+
+
+def test_a_pending_job_goes_to_dask_as_a_dependency(kernel: Kernel) -> None:
+    run(kernel, "%%background --dask -o first\nimport time\ntime.sleep(1.5)\n'A'")
+    run(kernel, "%%background --dask -o second\npart = first\npart + 'B'")
+    # Submitted at once, with the first job's task as its dependency (not held back until it ends).
+    assert value(kernel, "first.done(), second._dask_future is not None") == "(False, True)"
+    run(kernel, "%jobs wait second --timeout 60")
+    assert value(kernel, "second.result(), part") == "('AB', 'A')"
+    assert value(kernel, "first._dask_future, second._dask_future") == "(None, None)"
+
 
 
 def test_a_finished_cell_is_not_run_again_when_its_worker_dies(kernel: Kernel, tmp_path: Path) -> None:
@@ -160,7 +189,10 @@ def test_a_finished_cell_is_not_run_again_when_its_worker_dies(kernel: Kernel, t
 def test_two_kernels_get_their_own_output_and_leave_the_workers_as_they_were(
     bare_cluster: dict[str, object], observer: Any, kernel: Kernel
 ) -> None:
+    assert run(kernel, "%dask close").status == "ok"  # the module's kernel leaves too, for a while
     before, plugins = _state(observer), _plugins(observer)
+    assert plugins == []
+    assert {w["sys.stdout"][1] for w in before.values()} == {"TextIOWrapper"}, before
     with running_kernel(env={"CONCUR_DASK_SCHEDULER": ""}) as first:
         with running_kernel(env={"CONCUR_DASK_SCHEDULER": ""}) as second:
             for k in (first, second):
@@ -180,7 +212,7 @@ def test_two_kernels_get_their_own_output_and_leave_the_workers_as_they_were(
         # The second kernel shut down.
         assert _plugins(observer) == plugins
         assert _state(observer) == before
-    assert value(kernel, "1") == "1"
+    assert run(kernel, f"%dask connect {bare_cluster['address']}").status == "ok"
 
 
 def test_unload_removes_the_plugin(bare_cluster: dict[str, object], observer: Any) -> None:
@@ -242,3 +274,4 @@ def test_losing_the_scheduler_ends_a_running_job(bare_python: str, tmp_path: Pat
             k.wait_until(lambda: cell.error is not None, WITHIN, "the error in the job's cell")
             assert cell.error is not None and cell.error["ename"] == "ConnectionError"
             assert "lost the connection to the Dask scheduler" in cell.error["evalue"]
+            assert "ConnectionError" in run(k, "spin.result(timeout=5)").text
