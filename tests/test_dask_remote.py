@@ -206,6 +206,14 @@ def test_two_kernels_get_their_own_output_and_leave_the_workers_as_they_were(
             assert len(_plugins(observer)) == len(plugins) + 2
             assert cells["first"].stdout == "first 0\nfirst 1\nfirst 2\n", cells["first"].text
             assert cells["second"].stdout == "second 0\nsecond 1\nsecond 2\n", cells["second"].text
+            # Someone else's task on the same workers, meanwhile: its output is left alone.
+            theirs = observer.submit(
+                lambda: (print("someone else's print"), __import__("distributed").print("someone else's too")),
+                pure=False,
+            )
+            theirs.result(timeout=30)
+            events = observer.get_events("concur-output")
+            assert events and not [e for e in events if "someone else" in str(e)], events
             # The first to connect leaves first: its wrappers are under the second's.
             assert run(first, "%dask close").status == "ok"
             assert len(_plugins(observer)) == len(plugins) + 1
