@@ -206,7 +206,7 @@ class Cluster:
             if client is not None:
                 self._log.release()
 
-    def close(self, reason: str = "the Dask client was closed") -> str:
+    def close(self, reason: str = "the Dask connection was closed") -> str:
         """Disconnect; close the local cluster if we started it; forget an address whose last
         connection attempt failed, so the next use doesn't wait on it again. Idempotent.
 
@@ -274,6 +274,8 @@ class Cluster:
 
     def _on_started(self, event: tuple[float, dict[str, Any]]) -> None:
         _, msg = event
+        if msg.get("job") not in self._routes:
+            return  # another kernel's job on the same cluster
         with self._started_cond:
             self._started[msg["job"]] = msg
             self._started_cond.notify_all()
@@ -299,6 +301,7 @@ class Cluster:
 
     def stop(self, future: Any, token: str) -> str:
         """Really stop a task: cancel it, then have its worker process killed. Returns what was done."""
+        from .dask_jobs import shipped
         from .remote import _exit_worker_process, _kill_worker_process
 
         # The client the task was sent with: stopping never connects, nor switches clusters.
@@ -309,10 +312,10 @@ class Cluster:
             return "cancelled before it started"
         worker, pid = place["worker"], place["pid"]
         try:
-            client.run(_kill_worker_process, pid, workers=[worker], nanny=True)
+            client.run(shipped(_kill_worker_process), pid, workers=[worker], nanny=True)
             how = f"worker pid {pid} at {worker}, killed by its nanny"
         except Exception:  # noqa: BLE001 - no nanny: ask the worker to end itself
-            client.run(_exit_worker_process, workers=[worker], on_error="ignore")
+            client.run(shipped(_exit_worker_process), workers=[worker], on_error="ignore")
             how = f"worker pid {pid} at {worker}, ended (it has no nanny)"
         return how
 

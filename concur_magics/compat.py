@@ -230,6 +230,37 @@ def running_cell(shell: Any) -> str | None:
     return code if isinstance(code, str) else None
 
 
+def cancel_reason(exc: BaseException) -> str | None:
+    """Why Dask cancelled a future, from the exception its ``result()`` raised (None if it was not
+    a cancellation).
+
+    ``distributed.client.FutureCancelledError.reason`` (``"scheduler-connection-lost"`` when the
+    client lost the scheduler, set by ``Client._reconnect``; not in distributed's docs; checked on
+    2026.8.0).
+    """
+    if type(exc).__name__ != "FutureCancelledError":
+        return None
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, str) else "unknown"
+
+
+def worker_plugin(worker: Any, name: str) -> Any:
+    """The plugin registered on a Dask worker under ``name``, or None.
+
+    ``Worker.plugins`` (an attribute of ``distributed.Worker``, not in its docs; checked on
+    2026.8.0). :mod:`concur_magics.remote` reads it too, on workers, where this module is not.
+    """
+    return getattr(worker, "plugins", {}).get(name)
+
+
+def scheduler_worker_plugins(scheduler: Any) -> list[str]:
+    """Names of the worker plugins a Dask scheduler gives to every worker that joins.
+
+    ``Scheduler.worker_plugins`` (not in distributed's docs; checked on 2026.8.0).
+    """
+    return list(getattr(scheduler, "worker_plugins", {}))
+
+
 def kernel_log() -> Any:
     """The kernel's own logger (a :class:`logging.Logger`), or None outside a kernel.
 
