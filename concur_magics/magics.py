@@ -207,6 +207,8 @@ class ConcurMagics(Magics):
         except cluster.SchedulerUnreachable as exc:
             self._sync_traits()
             raise UsageError(str(exc)) from None
+        except shipping.UnpicklableInputs as exc:
+            raise _plain_type_error(exc) from None
         except BaseException as exc:
             # Shown from the cell's own lines: not from this magic's call line, nor through us.
             tracebacks.with_user_traceback(exc)
@@ -232,6 +234,8 @@ class ConcurMagics(Magics):
         except cluster.SchedulerUnreachable as exc:
             self._sync_traits()
             raise UsageError(str(exc)) from None
+        except shipping.UnpicklableInputs as exc:
+            raise _plain_type_error(exc) from None
         except BaseException as exc:
             tracebacks.with_user_traceback(exc)
             raise
@@ -308,7 +312,7 @@ class ConcurMagics(Magics):
         except cluster.SchedulerUnreachable as exc:
             raise UsageError(str(exc)) from None
         except shipping.UnpicklableInputs as exc:
-            raise tracebacks.with_user_traceback(exc) from None  # no frames of ours: the names say it
+            raise _plain_type_error(exc) from None
         finally:
             self._sync_traits()
         if args.out is not None:
@@ -599,6 +603,12 @@ def _clock_id(text: str, magic: Callable[..., Any]) -> int:
     if not text.isdigit():
         raise UsageError(f"--stop takes a clock id (a number), got {text!r}\n{_usage(magic)}")
     return int(text)
+
+
+def _plain_type_error(exc: shipping.UnpicklableInputs) -> TypeError:
+    """What a cell shows for inputs that can't go to Dask: a TypeError with the names, and no
+    frames (none of them are the user's; nothing ran)."""
+    return tracebacks.with_user_traceback(TypeError(str(exc)))  # type: ignore[return-value]
 
 
 def _usage(magic: Callable[..., Any]) -> str:
