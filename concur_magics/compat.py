@@ -244,21 +244,12 @@ def cancel_reason(exc: BaseException) -> str | None:
     return reason if isinstance(reason, str) else "unknown"
 
 
-def worker_plugin(worker: Any, name: str) -> Any:
-    """The plugin registered on a Dask worker under ``name``, or None.
-
-    ``Worker.plugins`` (an attribute of ``distributed.Worker``, not in its docs; checked on
-    2026.8.0). :mod:`concur_magics.remote` reads it too, on workers, where this module is not.
-    """
-    return getattr(worker, "plugins", {}).get(name)
-
-
-def scheduler_worker_plugins(scheduler: Any) -> list[str]:
-    """Names of the worker plugins a Dask scheduler gives to every worker that joins.
-
-    ``Scheduler.worker_plugins`` (not in distributed's docs; checked on 2026.8.0).
-    """
-    return list(getattr(scheduler, "worker_plugins", {}))
+# Read where this module is not: on Dask workers and schedulers, which need not have concur_magics.
+# - ``Worker.plugins`` (the worker plugins by name; an attribute of ``distributed.Worker``, not in
+#   its docs; checked on 2026.8.0): ``concur_magics.remote._started`` finds its kernel's
+#   ``OutputRouting`` there.
+# - ``Scheduler.worker_plugins`` (names of the plugins every joining worker gets; checked on
+#   2026.8.0): ``tests/test_dask_remote.py`` checks that ours are gone from it.
 
 
 def kernel_log() -> Any:

@@ -109,7 +109,7 @@ def _started(route: Route) -> tuple[contextvars.ContextVar[str | None] | None, A
     worker = get_worker()
     worker.log_event(route.started, {"job": route.token, "worker": worker.address, "pid": os.getpid()})
     # Worker.plugins: the plugins by name (an attribute of distributed's Worker, checked on
-    # 2026.8; see concur_magics.compat.worker_plugin, which this module cannot import).
+    # 2026.8.0; listed in concur_magics.compat, which this module cannot import).
     plugin = getattr(worker, "plugins", {}).get(route.plugin)
     var = getattr(plugin, "job", None)
     if not isinstance(var, contextvars.ContextVar):

@@ -91,8 +91,8 @@ def _state(observer: Any) -> dict[str, Any]:
 
 
 def _plugins(observer: Any) -> list[str]:
-    """Our worker plugins on the scheduler's list (``Scheduler.worker_plugins``, read as
-    ``compat.scheduler_worker_plugins`` does: that module is not on the scheduler)."""
+    """Our worker plugins on the scheduler's list (``Scheduler.worker_plugins``, see the note at the
+    end of ``concur_magics.compat``: that module is not on the scheduler)."""
     names = observer.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
     return sorted(name for name in names if name.startswith("concur-output-"))
 
