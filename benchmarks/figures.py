@@ -368,7 +368,7 @@ def dask_figures(quick: bool) -> list[Row]:
     import psutil
 
     from concur_magics import CellTimeout, compile_cell, run_with_timeout
-    from concur_magics.cluster import run_cell_on_dask
+    from concur_magics.dask_jobs import run_cell_on_dask
     from concur_magics.runtime import Runtime
 
     CLUSTER = Runtime.current().cluster

@@ -1,14 +1,10 @@
-"""Run cells on Dask: a local cluster by default, an existing cluster by address.
+"""The Dask connection: a local cluster by default, an existing cluster by address.
 
-A cell sent to Dask is compiled here (IPython's transformers run in the kernel), and shipped as
-Python source with the names it reads from the namespace; a :class:`Job` or Dask future among them
-is passed as a Dask dependency, so the cluster — not the notebook — waits for it. On the worker the
-cell runs in a fresh namespace; its last expression and the names it binds come back and are bound
-in the notebook's namespace on the kernel's loop (never from another thread).
-
-Output: on the worker, ``sys.stdout``/``sys.stderr`` and ``distributed.print`` are routed, for code
-running one of our cells, to a Dask event topic tagged with the job; the kernel's client subscribes to
-that topic and writes each piece into the cell that started the job.
+:class:`Cluster` is the connection only: the client (lazily connected), what ``%dask`` shows, where
+a job's task started, and how to stop a task for real. Sending cells to Dask is
+:mod:`concur_magics.dask_jobs`; what runs on a worker is :mod:`concur_magics.remote`. Code that
+keeps state tied to the connection (running jobs, what it installed on the workers) registers a
+hook in :attr:`Cluster.on_close`, called before the client closes.
 
 Stopping: Dask's ``cancel`` forgets a task but leaves it running in its worker thread. To really stop
 it we cancel the future and then ask the Nanny of the worker that runs it to SIGKILL its worker
@@ -17,29 +13,27 @@ process; the Nanny starts a fresh worker, and the cluster keeps serving.
 
 from __future__ import annotations
 
-import contextvars
 import html
-import itertools
 import logging
 import os
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cells import CompiledCell, compile_cell
-from .deadlines import CellTimeout
-from .jobs import Job
-from .output import CellOutput
-from .tracebacks import carried_frames, rebuilt_frames
+from .kernel_log import KernelLog
+from .probe import SchedulerUnreachable, check_address, probe
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .jobs import Job
+    from .output import CellOutput
 
-__all__ = ["ENV_SCHEDULER", "Cluster", "background_dask", "run_cell_on_dask"]
+__all__ = [
+    "ENV_SCHEDULER", "Cluster", "ClusterInfo", "JobOnCluster", "SchedulerUnreachable", "WorkerInfo",
+    "check_address",
+]
 
 ENV_SCHEDULER = "CONCUR_DASK_SCHEDULER"
 TOPIC = "concur-output"
@@ -52,17 +46,38 @@ class Cluster:
     Thread-safe. With no address it starts a :class:`distributed.LocalCluster` (worker processes, one
     per core, on 127.0.0.1) on first use, and closes it on :meth:`close`. With an address it attaches
     to that scheduler, and :meth:`close` only disconnects.
+
+    Attributes
+    ----------
+    address:
+        The scheduler to use. ``None``: the ``CONCUR_DASK_SCHEDULER`` environment variable, or a
+        local cluster when that is empty; ``""``: a local cluster. A change takes effect at the next
+        use, which connects to the new scheduler before letting go of the one in use.
+    security:
+        A :class:`distributed.Security` for ``tls://`` schedulers, or None: distributed's own
+        configuration (``distributed.comm.tls.*``) applies.
+    connect_timeout:
+        Seconds a connection attempt may take, whatever the other end does.
+    failed:
+        ``(address, why)`` of the last attempt that failed, until :meth:`close` forgets it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._client: Any = None
         self._local: Any = None
+        self._key: tuple[str, Any] | None = None  # (address, security) the client was made for
         self.address: str | None = None
+        self.security: Any = None
         self.connect_timeout = 5.0
+        self.failed: tuple[str, str] | None = None
+        self._log = KernelLog()
         self._routes: dict[str, CellOutput] = {}
         self._started: dict[str, dict[str, Any]] = {}
         self._started_cond = threading.Condition(self._lock)
+        # Called with a reason at the start of close(), while the client still works: job code
+        # ends its jobs and removes what it installed on the workers.
+        self.on_close: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ connection
     @property
@@ -74,66 +89,171 @@ class Cluster:
         """Whether the scheduler is a LocalCluster we started (and will close)."""
         return self._local is not None
 
-    def client(self, address: str | None = None) -> Any:
-        """The client, connecting (or starting a local cluster) on first use.
+    def target(self) -> str:
+        """The scheduler the next use connects to (a full address), or ``""`` for a local cluster.
 
         Raises
         ------
-        ConnectionError
-            If the scheduler at ``address`` can't be reached within ``connect_timeout`` seconds.
+        SchedulerUnreachable
+            If the address (say, from ``CONCUR_DASK_SCHEDULER``) is not a scheduler address.
+        """
+        address = self._wanted()
+        if not address.strip():
+            return ""
+        try:
+            return check_address(address)
+        except ValueError as exc:
+            raise SchedulerUnreachable(str(exc)) from None
+
+    def _wanted(self) -> str:
+        return self.address if self.address is not None else os.environ.get(ENV_SCHEDULER, "")
+
+    def client(self) -> Any:
+        """The client, connecting (or starting a local cluster) on first use, or when the address
+        or security changed since; the client in use is let go only once the new one works.
+
+        Raises
+        ------
+        SchedulerUnreachable
+            If no Dask scheduler answers at the address within ``connect_timeout`` seconds (the
+            message names the address and why), or if jobs of ours still run on the cluster in use.
+            A client connected earlier stays connected, and later uses go on with it.
         """
         with self._lock:
-            if self._client is not None:
+            try:
+                target = self.target()
+            except SchedulerUnreachable as exc:
+                self.failed = (self._wanted(), str(exc))
+                raise SchedulerUnreachable(f"{exc} (%dask close forgets this address)") from None
+            key = (target, self.security)
+            if self._client is not None and self._key == key:
                 return self._client
-            from distributed import Client, LocalCluster
-
-            address = address or self.address or os.environ.get(ENV_SCHEDULER) or None
-            if address:
-                try:
-                    client = Client(address, timeout=f"{self.connect_timeout}s", set_as_default=False)
-                except OSError as exc:
-                    raise ConnectionError(
-                        f"could not reach the Dask scheduler at {address} within "
-                        f"{self.connect_timeout:g} s: {exc}"
-                    ) from None
-            else:
-                self._local = LocalCluster(
-                    n_workers=os.cpu_count() or 1,
-                    threads_per_worker=1,
-                    processes=True,
-                    host="127.0.0.1",
-                    dashboard_address="127.0.0.1:0",
-                    silence_logs=logging.CRITICAL,  # failures are shown in the cells they belong to
+            if self._client is not None and self._routes and self._key is not None:
+                self.address, self.security = self._key  # later uses go on with the cluster in use
+                raise SchedulerUnreachable(
+                    f"not switching to {target or 'a local cluster'}: {len(self._routes)} job(s) of "
+                    f"this kernel still run on {self._client.scheduler.address}; wait for them or "
+                    "cancel them (%jobs cancel) first"
                 )
-                client = Client(self._local, set_as_default=False)
-            # Output of our cells arrives tagged with its job; other prints keep Dask's handler.
-            client.subscribe_topic(TOPIC, self._on_output)
-            client.subscribe_topic(STARTED, self._on_started)
-            self._client = client
-            self.address = client.scheduler.address
-            return client
+            self._log.hold()  # what distributed logs while connecting stays out of the cell too
+            try:
+                client, local = self._start(target)
+            except BaseException as exc:
+                self._log.release()
+                if not isinstance(exc, SchedulerUnreachable):
+                    raise
+                self.failed = (target, str(exc))
+                if self._client is not None and self._key is not None:
+                    self.address, self.security = self._key  # later uses go on with what works
+                    raise SchedulerUnreachable(
+                        f"{exc}; still connected to {self._client.scheduler.address}"
+                    ) from None
+                raise SchedulerUnreachable(f"{exc} (%dask close forgets this address)") from None
+            previous = self._client is not None
+            if previous:
+                self._run_close_hooks(f"switched to the Dask scheduler at {client.scheduler.address}")
+            old = (self._client, self._local)
+            self._client, self._local, self._key = client, local, key
+            self.failed = None
+        if previous:
+            self._let_go(*old)
+        return client
 
-    def close(self) -> None:
-        """Disconnect; close the local cluster if we started it. Idempotent."""
-        with self._lock:
-            client, local = self._client, self._local
-            self._client = self._local = None
-            if local is None:
-                pass  # keep the address: the next use reconnects to the same cluster
-            else:
-                self.address = None
+    def _start(self, target: str) -> tuple[Any, Any]:
+        """A new client of ``target``, and the LocalCluster it talks to if ``target`` is ``""``."""
+        from distributed import Client, LocalCluster
+
+        local = None
+        if target:
+            probe(target, self.connect_timeout, self.security)
+            try:
+                client = Client(target, timeout=f"{self.connect_timeout}s", set_as_default=False,
+                                security=self.security)
+            except Exception as exc:  # noqa: BLE001 - it answered the probe a moment ago
+                raise SchedulerUnreachable(
+                    f"could not connect to the Dask scheduler at {target}: {type(exc).__name__}: {exc}"
+                ) from None
+        else:
+            local = LocalCluster(
+                n_workers=os.cpu_count() or 1,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                silence_logs=logging.CRITICAL,  # failures are shown in the cells they belong to
+            )
+            client = Client(local, set_as_default=False)
+        # Output of our cells arrives tagged with its job; other prints keep Dask's handler.
+        client.subscribe_topic(TOPIC, self._on_output)
+        client.subscribe_topic(STARTED, self._on_started)
+        return client, local
+
+    def _run_close_hooks(self, reason: str) -> None:
+        for hook in list(self.on_close):
+            try:
+                hook(reason)
+            except Exception as exc:  # noqa: BLE001 - one failing hook must not keep the client open
+                print(f"concur_magics: closing the Dask connection: {exc!r}", file=sys.stderr)
+
+    def _let_go(self, client: Any, local: Any) -> None:
+        """Close a client (and the local cluster behind it), then give distributed's log back."""
         # Closing never fails the caller (unload, shutdown, %dask close): distributed can raise from
         # its own bookkeeping here, e.g. a KeyError (2026.8) for a worker that was killed meanwhile.
-        for closeable in (client, local):
-            if closeable is None:
-                continue
-            try:
-                closeable.close(timeout=10)
-            except Exception as exc:  # noqa: BLE001 - reported in the kernel's log, not raised
-                logging.getLogger("concur_magics").warning("closing %r failed: %r", closeable, exc)
+        try:
+            for closeable in (client, local):
+                if closeable is None:
+                    continue
+                try:
+                    closeable.close(timeout=10)
+                except Exception as exc:  # noqa: BLE001 - reported in the kernel's log, not raised
+                    logging.getLogger("concur_magics").warning("closing %r failed: %r", closeable, exc)
+        finally:
+            if client is not None:
+                self._log.release()
 
-    def info(self) -> ClusterInfo:
-        """What ``%dask`` shows: scheduler, workers, threads, memory, dashboard."""
+    def close(self, reason: str = "the Dask connection was closed") -> str:
+        """Disconnect; close the local cluster if we started it; forget an address whose last
+        connection attempt failed, so the next use doesn't wait on it again. Idempotent.
+
+        The :attr:`on_close` hooks run first (when connected), each given ``reason``.
+
+        Returns
+        -------
+        str
+            What was done, in a line for the user.
+        """
+        if self._client is not None:
+            self._run_close_hooks(reason)
+        with self._lock:
+            client, local = self._client, self._local
+            self._client = self._local = self._key = None
+            failed, self.failed = self.failed, None
+            if local is not None:
+                self.address = None  # the next use reads CONCUR_DASK_SCHEDULER again
+            # else keep the address: the next use reconnects to the same cluster
+            forgot = ""
+            if failed is not None and failed[0] and failed[0] in (self._wanted(), self._target_or_none()):
+                self.address = ""
+                forgot = (f"forgot {failed[0]}, which could not be used; the next --dask cell "
+                          "starts a local cluster (or %dask connect ADDRESS)")
+        if client is None:
+            done = "not connected"
+        elif local is not None:
+            done = "closed the local cluster"
+        else:
+            done = f"disconnected from {client.scheduler.address}"
+        self._let_go(client, local)
+        return f"{done}\n{forgot}" if forgot else done
+
+    def _target_or_none(self) -> str | None:
+        try:
+            return self.target()
+        except SchedulerUnreachable:
+            return None
+
+    def info(self, jobs: Iterable[Job] = ()) -> ClusterInfo:
+        """What ``%dask`` shows: scheduler, dashboard, workers, and ``jobs`` (this kernel's
+        ``--dask`` jobs) that are running on the cluster."""
         client = self.client()
         workers = client.scheduler_info(n_workers=-1)["workers"]
         return ClusterInfo(
@@ -141,8 +261,13 @@ class Cluster:
             ours=self.ours,
             workers=len(workers),
             threads=sum(w.get("nthreads", 0) for w in workers.values()),
-            memory=sum(w.get("memory_limit", 0) for w in workers.values()),
+            memory=sum(w.get("memory_limit", 0) or 0 for w in workers.values()),
             dashboard=client.dashboard_link if _has_dashboard(client) else None,
+            worker_list=[
+                WorkerInfo(address, w.get("nthreads", 0), w.get("memory_limit", 0) or 0)
+                for address, w in sorted(workers.items())
+            ],
+            jobs=[JobOnCluster(job.id, job.name or "", job.status, job.elapsed) for job in jobs],
         )
 
     # ------------------------------------------------------------------ events
@@ -154,6 +279,8 @@ class Cluster:
 
     def _on_started(self, event: tuple[float, dict[str, Any]]) -> None:
         _, msg = event
+        if msg.get("job") not in self._routes:
+            return  # another kernel's job on the same cluster
         with self._started_cond:
             self._started[msg["job"]] = msg
             self._started_cond.notify_all()
@@ -179,17 +306,21 @@ class Cluster:
 
     def stop(self, future: Any, token: str) -> str:
         """Really stop a task: cancel it, then have its worker process killed. Returns what was done."""
-        client = self.client()
+        from .dask_jobs import shipped
+        from .remote import _exit_worker_process, _kill_worker_process
+
+        # The client the task was sent with: stopping never connects, nor switches clusters.
+        client = self._client if self._client is not None else self.client()
         client.cancel([future], force=True)
         place = self.where(token, wait=0.3)
         if place is None:
             return "cancelled before it started"
         worker, pid = place["worker"], place["pid"]
         try:
-            client.run(_kill_worker_process, pid, workers=[worker], nanny=True)
+            client.run(shipped(_kill_worker_process), pid, workers=[worker], nanny=True)
             how = f"worker pid {pid} at {worker}, killed by its nanny"
         except Exception:  # noqa: BLE001 - no nanny: ask the worker to end itself
-            client.run(_exit_worker_process, workers=[worker], on_error="ignore")
+            client.run(shipped(_exit_worker_process), workers=[worker], on_error="ignore")
             how = f"worker pid {pid} at {worker}, ended (it has no nanny)"
         return how
 
@@ -202,8 +333,27 @@ def _cluster() -> Cluster:
 
 
 @dataclass
+class WorkerInfo:
+    """One worker of the cluster, as ``%dask`` lists it."""
+
+    address: str
+    threads: int
+    memory: int  # bytes; 0 when the worker has no limit
+
+
+@dataclass
+class JobOnCluster:
+    """One of this kernel's ``--dask`` jobs that is running on the cluster."""
+
+    id: int
+    name: str
+    status: str
+    elapsed: float
+
+
+@dataclass
 class ClusterInfo:
-    """A summary of the cluster, as text and HTML."""
+    """A summary of the cluster, as text and HTML: scheduler, dashboard, workers, our jobs."""
 
     address: str
     ours: bool
@@ -211,29 +361,69 @@ class ClusterInfo:
     threads: int
     memory: int
     dashboard: str | None
+    worker_list: list[WorkerInfo] = field(default_factory=list)
+    jobs: list[JobOnCluster] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "local cluster started by concur_magics" if self.ours else "existing cluster"
 
     def __repr__(self) -> str:
-        kind = "local cluster started by concur_magics" if self.ours else "existing cluster"
         lines = [
-            f"Dask scheduler {self.address} ({kind})",
-            f"workers: {self.workers}, threads: {self.threads}, memory: {self.memory / 2**30:.1f} GiB",
+            f"Dask scheduler {self.address} ({self.kind})",
+            f"workers: {self.workers}, threads: {self.threads}, memory: {_gib(self.memory)}",
         ]
         if self.dashboard:
             lines.append(f"dashboard: {self.dashboard}")
+        if self.worker_list:
+            width = max(len(w.address) for w in self.worker_list)
+            lines.append("")
+            lines.append(f"{'worker':<{width}}  threads  memory")
+            lines += [f"{w.address:<{width}}  {w.threads:<7}  {_gib(w.memory)}" for w in self.worker_list]
+        lines.append("")
+        if self.jobs:
+            lines.append("jobs of this kernel on the cluster:")
+            lines += [f"  #{j.id}{' ' + j.name if j.name else ''}  {j.status}  {j.elapsed:.1f} s"
+                      for j in self.jobs]
+        else:
+            lines.append("no jobs of this kernel on the cluster")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
+        e = html.escape
+        # JupyterLab's and Notebook's table style aligns cells right: these are words, not numbers.
+        left = "style='text-align:left'"
         link = (
-            f"<a href='{html.escape(self.dashboard)}' target='_blank'>{html.escape(self.dashboard)}</a>"
+            f"<a href='{e(self.dashboard)}' target='_blank'>{e(self.dashboard)}</a>"
             if self.dashboard else "not available (install bokeh)"
         )
-        kind = "local cluster started by concur_magics" if self.ours else "existing cluster"
-        return (
-            f"<table><tr><th>scheduler</th><td><code>{html.escape(self.address)}</code> ({kind})</td></tr>"
-            f"<tr><th>workers</th><td>{self.workers}</td></tr><tr><th>threads</th><td>{self.threads}</td></tr>"
-            f"<tr><th>memory</th><td>{self.memory / 2**30:.1f} GiB</td></tr>"
-            f"<tr><th>dashboard</th><td>{link}</td></tr></table>"
-        )
+        parts = [
+            f"<p><b>Dask scheduler</b> <code>{e(self.address)}</code> ({self.kind})<br>"
+            f"workers: {self.workers}, threads: {self.threads}, memory: {_gib(self.memory)}<br>"
+            f"dashboard: {link}</p>"
+        ]
+        if self.worker_list:
+            rows = "".join(
+                f"<tr><td {left}><code>{e(w.address)}</code></td><td {left}>{w.threads}</td>"
+                f"<td {left}>{_gib(w.memory)}</td></tr>" for w in self.worker_list
+            )
+            parts.append(f"<table><thead><tr><th {left}>worker</th><th {left}>threads</th>"
+                         f"<th {left}>memory</th></tr></thead><tbody>{rows}</tbody></table>")
+        if self.jobs:
+            rows = "".join(
+                f"<tr><td {left}>{j.id}</td><td {left}>{e(j.name)}</td><td {left}>{e(j.status)}</td>"
+                f"<td {left}>{j.elapsed:.1f} s</td></tr>" for j in self.jobs
+            )
+            parts.append(f"<p>jobs of this kernel on the cluster:</p><table><thead><tr>"
+                         f"<th {left}>id</th><th {left}>name</th><th {left}>status</th>"
+                         f"<th {left}>elapsed</th></tr></thead><tbody>{rows}</tbody></table>")
+        else:
+            parts.append("<p>no jobs of this kernel on the cluster</p>")
+        return "".join(parts)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n else "no limit"
 
 
 def _has_dashboard(client: Any) -> bool:
@@ -242,404 +432,3 @@ def _has_dashboard(client: Any) -> bool:
     except Exception:  # noqa: BLE001 - an informational field only
         return False
 
-
-# --------------------------------------------------------------------------- submitting
-
-_tokens = itertools.count(1)
-
-
-@dataclass
-class Shipment:
-    """A cell ready to go to a worker."""
-
-    cell: CompiledCell
-    inputs: dict[str, Any]
-    waits_for: list[Job] = field(default_factory=list)  # non-Dask jobs to finish first
-    token: str = ""
-
-
-def prepare(cell: CompiledCell, namespace: dict[str, Any], shell: Any = None) -> Shipment:
-    """Collect the inputs a cell reads; Jobs become Dask futures (or things to wait for)."""
-    from distributed import Future
-
-    inputs: dict[str, Any] = {}
-    waits: list[Job] = []
-    for name in sorted(cell.reads):
-        if name not in namespace:
-            continue
-        value = namespace[name]
-        if isinstance(value, Job):
-            future = _value_future(value)
-            if future is not None:
-                value = future
-            else:
-                waits.append(value)
-        elif not isinstance(value, Future) and isinstance(value, type(sys)):
-            continue  # modules: the cell's own imports bring them on the worker
-        inputs[name] = value
-    return Shipment(cell, inputs, waits, f"{os.getpid()}-{next(_tokens)}")
-
-
-def _value_future(job: Job) -> Any:
-    """A Dask future of a dask job's value (its task returns the value and the names it bound)."""
-    future = job._dask_future
-    if future is None:
-        return None
-    value = getattr(job, "_dask_value", None)
-    if value is None:
-        value = future.client.submit(_first, future, key=f"{future.key}-value", pure=False)
-        job._dask_value = value  # type: ignore[attr-defined]
-    return value
-
-
-def _first(outcome: tuple[Any, Any]) -> Any:
-    return outcome[0]
-
-
-def submit(shipment: Shipment) -> Any:
-    """Submit a prepared cell; return its Dask future.
-
-    Raises
-    ------
-    TypeError
-        Naming the inputs that can't be serialised.
-    """
-    __tracebackhide__ = True
-    client = _cluster().client()
-    inputs = {
-        name: (value.result() if isinstance(value, Job) else value)
-        for name, value in shipment.inputs.items()
-    }
-    try:
-        cell = shipment.cell
-        return client.submit(
-            run_remote, cell.source, cell.filename, cell.first_line, inputs, shipment.token,
-            key=f"concur-cell-{shipment.token}", pure=False, retries=0,
-        )
-    except Exception:
-        bad = _unpicklable(inputs)
-        if bad:
-            raise TypeError(f"can't send to Dask, these inputs can't be serialised: {', '.join(bad)}") from None
-        raise
-
-
-def _unpicklable(inputs: dict[str, Any]) -> list[str]:
-    import cloudpickle
-    from distributed import Future
-
-    bad = []
-    for name, value in inputs.items():
-        if isinstance(value, Future):
-            continue
-        try:
-            cloudpickle.dumps(value)
-        except Exception as exc:  # noqa: BLE001 - we report which one, and why
-            bad.append(f"{name} ({type(value).__name__}: {exc})")
-    return bad
-
-
-def background_dask(
-    runtime: Runtime,
-    source: str,
-    *,
-    name: str | None = None,
-    timeout: float | None = None,
-    shell: Any = None,
-    namespace: dict[str, Any] | None = None,
-    first_line: int = 1,
-    cell: str | None = None,
-    run: str | None = None,
-) -> Job:
-    """Run cell ``source`` on a Dask worker as a background Job of ``runtime``.
-
-    The names the cell binds come back into the namespace on the kernel's loop (when there is one).
-    """
-    cluster = runtime.cluster
-    ns = namespace if namespace is not None else (shell.user_ns if shell is not None else {})
-    compiled = compile_cell(source, shell=shell, first_line=first_line)
-    shipment = prepare(compiled, ns, shell)
-    cluster.client()  # connect (or start the local cluster) now, so errors show in this cell
-    out = CellOutput(shell)
-    job = runtime.jobs.add(Job(source, "dask", name, out=out, limit=timeout, cell=cell, run=run))
-    cluster.route(shipment.token, out)
-    stopping = threading.Lock()
-
-    def finish(status: str, value: Any = None, error: BaseException | None = None,
-               names: dict[str, Any] | None = None) -> None:
-        def on_loop() -> None:
-            if names:
-                ns.update(names)
-            job.settle(status, value, error)
-            cluster.unroute(shipment.token)
-
-        loop = runtime.kernel_loop()
-        if loop is not None:
-            loop.call_soon_threadsafe(on_loop)
-        else:
-            on_loop()
-
-    def stop_remote() -> None:
-        future = getattr(job, "_dask_future", None)
-        how = cluster.stop(future, shipment.token) if future is not None else "before it started"
-        status = job._stopping or "cancelled"
-        error = CellTimeout(job.limit or 0.0, "dask", "worker", f"({how})") if status == "timeout" else None
-        finish(status, error=error)
-
-    def interrupt() -> None:
-        if stopping.acquire(blocking=False):  # one remote stop, however often we are asked
-            threading.Thread(target=stop_remote, name=f"concur-dask-stop-{job.id}", daemon=True).start()
-
-    def start() -> None:
-        if job.done():
-            return
-        try:
-            future = submit(shipment)
-        except Exception as exc:  # noqa: BLE001 - shown in the cell, job status error
-            finish("error", error=exc)
-            return
-        job._dask_future = future  # type: ignore[attr-defined]
-        future.add_done_callback(
-            lambda f: threading.Thread(target=collect, args=(f,), name="concur-dask-result", daemon=True).start()
-        )
-
-    def collect(future: Any) -> None:
-        if job.done() or future.cancelled() or future.status == "cancelled":
-            return
-        try:
-            value, names = future.result()
-        except Exception as exc:  # noqa: BLE001 - the remote failure, with its traceback
-            finish("error", error=_explain(_rendered(exc)))
-            return
-        finish("done", value, names=names)
-
-    job.begin(interrupt, runtime.deadlines.call_later)
-    if shipment.waits_for:
-        pending = list(shipment.waits_for)
-        remaining = [len(pending)]
-        lock = threading.Lock()
-
-        def one_done(_: Job) -> None:
-            with lock:
-                remaining[0] -= 1
-                ready = remaining[0] == 0
-            if ready:
-                start()
-
-        for dependency in pending:
-            dependency.add_done_callback(one_done)
-    else:
-        start()
-    return job
-
-
-def _rendered(exc: BaseException) -> BaseException:
-    """``exc`` with the user's frames the worker sent (:func:`run_remote`) as its traceback.
-
-    The kernel formats them: it knows each cell's label and source, which a worker does not.
-    """
-    frames = getattr(exc, "_concur_frames", None)
-    return exc.with_traceback(rebuilt_frames(frames)) if frames else exc
-
-
-def _explain(exc: BaseException) -> BaseException:
-    if type(exc).__name__ == "KilledWorker":
-        return RuntimeError(f"the Dask worker running this job died (after Dask's retries): {exc}")
-    return exc
-
-
-def run_cell_on_dask(cell: CompiledCell, namespace: dict[str, Any], limit: float, shell: Any = None) -> Any:
-    """Run a cell on a worker in the foreground; at ``limit`` seconds stop it for real.
-
-    Raises
-    ------
-    CellTimeout
-        At the deadline, after the task was cancelled and its worker process killed.
-    """
-    __tracebackhide__ = True
-    import distributed
-
-    shipment = prepare(cell, namespace, shell)
-    for dependency in shipment.waits_for:
-        dependency.result()
-    cluster = _cluster()
-    cluster.route(shipment.token, CellOutput(shell))
-    try:
-        future = submit(shipment)
-        try:
-            value, names = future.result(timeout=limit)
-        except distributed.TimeoutError:
-            how = cluster.stop(future, shipment.token)
-            raise CellTimeout(limit, "dask", "worker", f"({how})") from None
-        except KeyboardInterrupt:
-            cluster.stop(future, shipment.token)
-            raise
-        except Exception as exc:
-            raise _rendered(exc)  # noqa: B904 - the remote exception itself, shown as the worker saw it
-        namespace.update(names)
-        return value
-    finally:
-        cluster.unroute(shipment.token)
-
-
-def run_call_on_dask(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], limit: float) -> Any:
-    """Call ``fn(*args, **kwargs)`` on a worker; at ``limit`` seconds stop it for real."""
-    import distributed
-
-    token = f"{os.getpid()}-{next(_tokens)}"
-    cluster = _cluster()
-    cluster.route(token, CellOutput(None))
-    try:
-        future = cluster.client().submit(
-            run_remote_call, fn, args, kwargs, token, key=f"concur-call-{token}", pure=False, retries=0
-        )
-        try:
-            return future.result(timeout=limit)
-        except distributed.TimeoutError:
-            how = cluster.stop(future, token)
-            raise CellTimeout(limit, "dask", "worker", f"({how})") from None
-    finally:
-        cluster.unroute(token)
-
-
-# --------------------------------------------------------------------------- on the worker
-
-_JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("concur_job", default=None)
-_patched = threading.Lock()
-
-
-class _RoutedStream:
-    """A worker's sys.stdout/err: writes made by our cells go to the kernel, the rest pass through."""
-
-    def __init__(self, original: Any, name: str) -> None:
-        self._original = original
-        self._name = name
-
-    def write(self, text: str) -> int:
-        token = _JOB.get()
-        if token is None:
-            return int(self._original.write(text) or 0)
-        if text:
-            from distributed import get_worker
-
-            get_worker().log_event(TOPIC, {"job": token, "name": self._name, "text": text})
-        return len(text)
-
-    def flush(self) -> None:
-        self._original.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._original, name)
-
-
-def _install_routing() -> None:
-    import distributed
-
-    with _patched:
-        if isinstance(sys.stdout, _RoutedStream):
-            return
-        sys.stdout = _RoutedStream(sys.stdout, "stdout")  # type: ignore[assignment]
-        sys.stderr = _RoutedStream(sys.stderr, "stderr")  # type: ignore[assignment]
-        original_print = distributed.print
-
-        def routed_print(*args: Any, **kwargs: Any) -> None:
-            # In our cells, print locally: the routed stream sends it to the right cell once.
-            if _JOB.get() is not None:
-                file = kwargs.pop("file", None)
-                print(*args, file=file if file is not None else sys.stdout, **kwargs)
-            else:
-                original_print(*args, **kwargs)
-
-        distributed.print = routed_print
-        distributed.worker.print = routed_print  # type: ignore[attr-defined]
-
-
-def run_remote(
-    source: str, filename: str, first_line: int, inputs: dict[str, Any], token: str
-) -> tuple[Any, dict[str, Any]]:
-    """Run a cell on a worker; return its last value and the names it bound."""
-    __tracebackhide__ = True
-    from distributed import get_worker
-
-    _install_routing()
-    worker = get_worker()
-    worker.log_event(STARTED, {"job": token, "worker": worker.address, "pid": os.getpid()})
-    # The same file name and line numbers as in the kernel, so the kernel shows the cell's lines.
-    cell = compile_cell(source, first_line=first_line, filename=filename)
-    _remember_source(filename, "\n" * (first_line - 1) + source)
-    namespace: dict[str, Any] = {"__name__": "__main__", **inputs}
-    before = dict(namespace)
-    reset = _JOB.set(token)
-    try:
-        if cell.is_async:
-            import asyncio
-
-            value = asyncio.run(cell.run_async(namespace))
-        else:
-            value = cell.run(namespace)
-    except BaseException as exc:  # noqa: BLE001 - SystemExit and friends must not reach the worker
-        # Cut to the user's frames here, where they are; they travel in the exception's __dict__
-        # and the kernel formats them with the cells' labels and sources.
-        carried = exc if isinstance(exc, Exception) else RemoteExit(exc)
-        try:
-            carried._concur_frames = carried_frames(exc.__traceback__)  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - the exception itself still goes back
-            pass
-        if carried is exc:
-            raise
-        raise carried from None
-    finally:
-        sys.stdout.flush()
-        _JOB.reset(reset)
-    names = {
-        name: v for name, v in namespace.items()
-        if name not in ("__builtins__", "__name__") and before.get(name, _MISSING) is not v
-    }
-    return value, names
-
-
-_MISSING = object()
-
-
-class RemoteExit(Exception):
-    """``SystemExit``, ``KeyboardInterrupt`` or ``GeneratorExit`` raised by a cell on a Dask worker,
-    carried back as an ordinary exception so it ends the job and never the worker."""
-
-    def __init__(self, exc: BaseException | str) -> None:
-        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}".rstrip(": ")
-        super().__init__(f"{text} (raised by the cell on the Dask worker)")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (RemoteExit, (self.args[0].rsplit(" (raised by", 1)[0],))
-
-
-def _remember_source(filename: str, source: str) -> None:
-    import linecache
-
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-
-
-def run_remote_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], token: str) -> Any:
-    """Call a function on a worker, reporting where it runs and routing its output."""
-    from distributed import get_worker
-
-    _install_routing()
-    worker = get_worker()
-    worker.log_event(STARTED, {"job": token, "worker": worker.address, "pid": os.getpid()})
-    reset = _JOB.set(token)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _JOB.reset(reset)
-
-
-def _kill_worker_process(pid: int, dask_worker: Any = None) -> None:
-    """Run in a Nanny: SIGKILL its worker process if it is the one running our task.
-
-    The Nanny sees its worker die and starts a fresh one.
-    """
-    if getattr(dask_worker, "pid", None) == pid:
-        os.kill(pid, signal.SIGKILL)
-
-
-def _exit_worker_process() -> None:
-    os._exit(1)

@@ -20,6 +20,7 @@ __all__ = [
     "fd_watcher",
     "handled_exception",
     "iopub_loop",
+    "kernel_log",
     "loop_thread_id",
     "parent_header",
     "pickled_away_filename",
@@ -227,3 +228,45 @@ def running_cell(shell: Any) -> str | None:
         return None
     code = parent.get("content", {}).get("code")
     return code if isinstance(code, str) else None
+
+
+def cancel_reason(exc: BaseException) -> str | None:
+    """Why Dask cancelled a future, from the exception its ``result()`` raised (None if it was not
+    a cancellation).
+
+    ``distributed.client.FutureCancelledError.reason`` (``"scheduler-connection-lost"`` when the
+    client lost the scheduler, set by ``Client._reconnect``; not in distributed's docs; checked on
+    2026.8.0).
+    """
+    if type(exc).__name__ != "FutureCancelledError":
+        return None
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, str) else "unknown"
+
+
+# Read where this module is not: on Dask workers and schedulers, which need not have concur_magics.
+# - ``Worker.plugins`` (the worker plugins by name; an attribute of ``distributed.Worker``, not in
+#   its docs; checked on 2026.8.0): ``concur_magics.remote._started`` finds its kernel's
+#   ``OutputRouting`` there.
+# - ``Scheduler.worker_plugins`` (names of the plugins every joining worker gets; checked on
+#   2026.8.0): ``tests/test_dask_remote.py`` checks that ours are gone from it.
+
+
+def kernel_log() -> Any:
+    """The kernel's own logger (a :class:`logging.Logger`), or None outside a kernel.
+
+    ``get_ipython().kernel.log``: ipykernel's ``IPKernelApp`` logger, shared by its kernel object
+    (a traitlets ``LoggingConfigurable``). When ipykernel captures file descriptor 2 it points that
+    logger's stderr handler at a copy of the process's original stderr
+    (``IPKernelApp.init_io``, ipykernel 6.x-7.4, checked on 7.4), so what it writes reaches the
+    terminal or the server's log and never a notebook. Missing (a terminal IPython, a script):
+    None, and callers leave logging alone.
+    """
+    import logging
+
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is a dependency
+        return None
+    log = getattr(getattr(get_ipython(), "kernel", None), "log", None)
+    return log if isinstance(log, logging.Logger) else None

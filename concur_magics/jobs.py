@@ -6,7 +6,7 @@ the same life, written once here:
     begin (pending -> running, status line shown) -> run -> settle exactly once
     (done / error / cancelled / timeout) -> report (traceback, value, status line) -> future set
 
-A *driver* (``runners.py``, ``schedule.py``, ``cluster.py``) only starts the work, knows how to
+A *driver* (``runners.py``, ``schedule.py``, ``dask_jobs.py``) only starts the work, knows how to
 interrupt it, and hands the job the outcome through :meth:`Job.outcome_of` and :meth:`Job.settle`.
 Whatever user code raises — ``SystemExit``, ``KeyboardInterrupt`` and ``GeneratorExit`` included —
 ends the job with status ``error``; nothing escapes into the kernel's loop.

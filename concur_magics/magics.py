@@ -11,9 +11,9 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Enum, Float, TraitError, Unicode, default, observe, validate
+from traitlets import Enum, Float, Instance, TraitError, Unicode, default, observe, validate
 
-from . import cluster, compat, runners, schedule, tracebacks
+from . import cluster, compat, runners, schedule, shipping, tracebacks
 from .cells import CompiledCell, compile_cell
 from .jobs import Job
 from .table import JobsView, wait_for_jobs, wait_for_jobs_async
@@ -104,6 +104,14 @@ class ConcurMagics(Magics):
         5.0, help="Seconds to wait for the Dask scheduler before giving up with an error."
     ).tag(config=True)
 
+    dask_security = Instance(
+        "distributed.security.Security",
+        allow_none=True,
+        help="A distributed.Security with the CA, certificate and key for tls:// schedulers. None "
+        "(the default): distributed's own configuration (distributed.comm.tls.* in the Dask "
+        "config) applies.",
+    ).tag(config=True)
+
     @default("dask_scheduler")
     def _default_scheduler(self) -> str:
         return os.environ.get(cluster.ENV_SCHEDULER, "")
@@ -119,9 +127,22 @@ class ConcurMagics(Magics):
 
     @observe("dask_scheduler")
     def _scheduler_changed(self, change: dict[str, Any]) -> None:
-        if self._cluster.connected and change["new"] != self._cluster.address:
-            self._cluster.close()
-        self._cluster.address = change["new"] or None
+        # Taken up at the next use, which keeps the cluster in use if the new one fails.
+        self._cluster.address = change["new"]
+
+    @observe("dask_security")
+    def _security_changed(self, change: dict[str, Any]) -> None:
+        self._cluster.security = change["new"]
+
+    @validate("dask_scheduler")
+    def _check_scheduler(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"])
+        if not value.strip():
+            return ""
+        try:
+            return cluster.check_address(value)
+        except ValueError as exc:
+            raise TraitError(f"dask_scheduler: {exc}") from None
 
     @observe("dask_connect_timeout")
     def _connect_timeout_changed(self, change: dict[str, Any]) -> None:
@@ -183,6 +204,11 @@ class ConcurMagics(Magics):
                 shell=self.shell,
                 grace=self.timeout_grace,
             )
+        except cluster.SchedulerUnreachable as exc:
+            self._sync_traits()
+            raise UsageError(str(exc)) from None
+        except shipping.UnpicklableInputs as exc:
+            raise _plain_type_error(exc) from None
         except BaseException as exc:
             # Shown from the cell's own lines: not from this magic's call line, nor through us.
             tracebacks.with_user_traceback(exc)
@@ -205,6 +231,11 @@ class ConcurMagics(Magics):
                 shell=self.shell,
                 grace=self.timeout_grace,
             )
+        except cluster.SchedulerUnreachable as exc:
+            self._sync_traits()
+            raise UsageError(str(exc)) from None
+        except shipping.UnpicklableInputs as exc:
+            raise _plain_type_error(exc) from None
         except BaseException as exc:
             tracebacks.with_user_traceback(exc)
             raise
@@ -278,8 +309,12 @@ class ConcurMagics(Magics):
                 cell, name=args.name, mode="dask" if args.dask else args.mode, timeout=args.timeout,
                 shell=self.shell, first_line=2, cell=key, run=run,
             )
-        except ConnectionError as exc:
+        except cluster.SchedulerUnreachable as exc:
             raise UsageError(str(exc)) from None
+        except shipping.UnpicklableInputs as exc:
+            raise _plain_type_error(exc) from None
+        finally:
+            self._sync_traits()
         if args.out is not None:
             self._namespace[args.out] = job
 
@@ -386,8 +421,9 @@ class ConcurMagics(Magics):
     @magic_arguments()
     @argument(
         "action", nargs="?", default="info", choices=("info", "connect", "close"),
-        help="info (default): scheduler, workers, threads, memory, dashboard; connect ADDRESS: use "
-        "an existing cluster; close: disconnect (and close the local cluster if we started it)",
+        help="info (default): scheduler, dashboard, workers and this kernel's jobs on the cluster; "
+        "connect ADDRESS: use an existing cluster (the one in use stays if that fails); close: "
+        "disconnect (and close the local cluster if we started it; forget an address that failed)",
     )
     @argument("address", nargs="?", help="for connect: the scheduler address, e.g. tcp://10.0.0.5:8786")
     @line_magic
@@ -397,6 +433,10 @@ class ConcurMagics(Magics):
         By default a local cluster (worker processes, one per core) starts on first use. Set
         ``CONCUR_DASK_SCHEDULER``, ``%config ConcurMagics.dask_scheduler = "tcp://..."`` or use
         ``%dask connect ADDRESS`` to use an existing cluster instead (we never shut that one down).
+        A connection that fails within ``ConcurMagics.dask_connect_timeout`` is a UsageError naming
+        the address and why, and the cluster in use stays connected; ``%dask close`` also forgets
+        an address that could not be used. ``tls://`` takes distributed's TLS configuration or
+        ``%config ConcurMagics.dask_security``.
 
         Examples
         --------
@@ -405,35 +445,53 @@ class ConcurMagics(Magics):
             In [1]: %dask
             Dask scheduler tcp://127.0.0.1:40123 (local cluster started by concur_magics)
             workers: 2, threads: 2, memory: 23.4 GiB
+            ...
+            no jobs of this kernel on the cluster
 
             In [2]: %dask connect tcp://10.0.0.5:8786
             In [3]: %dask close
         """
         args = parse_args(self.dask, line)
         usage = _usage(self.dask)
+        if args.action != "connect" and args.address:
+            raise UsageError(f"%dask {args.action} takes no address\n{usage}")
+        if args.action == "close":
+            done = self._cluster.close()
+            self._sync_traits()
+            print(done)
+            return None
+        self._sync_cluster()
         if args.action == "connect":
             if not args.address:
                 raise UsageError(f"%dask connect needs a scheduler address\n{usage}")
-            self._cluster.close()
-            self.dask_scheduler = args.address
-        elif args.address:
-            raise UsageError(f"%dask {args.action} takes no address\n{usage}")
-        if args.action == "close":
-            was = "closed the local cluster" if self._cluster.ours else "disconnected"
-            connected = self._cluster.connected
-            self._cluster.close()
-            print(was if connected else "not connected")
-            return None
-        self._sync_cluster()
+            try:
+                self._cluster.address = cluster.check_address(args.address)
+            except ValueError as exc:
+                raise UsageError(f"{exc}\n{usage}") from None
         try:
-            return self._cluster.info()
-        except ConnectionError as exc:
+            return self._cluster.info(self._dask_jobs())
+        except cluster.SchedulerUnreachable as exc:
             raise UsageError(str(exc)) from None
+        finally:
+            self._sync_traits()
+
+    def _dask_jobs(self) -> list[Job]:
+        return [job for job in self.runtime.jobs.running() if job.mode == "dask"]
 
     def _sync_cluster(self) -> None:
+        """Hand the configuration to the connection, which takes it up at its next use."""
         self._cluster.connect_timeout = self.dask_connect_timeout
-        if not self._cluster.connected:
-            self._cluster.address = self.dask_scheduler or None
+        self._cluster.security = self.dask_security
+        self._cluster.address = self.dask_scheduler
+
+    def _sync_traits(self) -> None:
+        """Show in the configuration what the connection uses after an attempt: a failed switch
+        goes back to the cluster in use, and ``%dask close`` may forget a failed address."""
+        address = self._cluster.address or ""
+        if address != self.dask_scheduler:  # (an address from the environment is not validated)
+            self.dask_scheduler = address
+        if self._cluster.security is not self.dask_security:
+            self.dask_security = self._cluster.security
 
     def _find_job(self, key: str, usage: str) -> Job:
         """A job by id, name, or a variable it was bound to with ``-o``."""
@@ -545,6 +603,12 @@ def _clock_id(text: str, magic: Callable[..., Any]) -> int:
     if not text.isdigit():
         raise UsageError(f"--stop takes a clock id (a number), got {text!r}\n{_usage(magic)}")
     return int(text)
+
+
+def _plain_type_error(exc: shipping.UnpicklableInputs) -> TypeError:
+    """What a cell shows for inputs that can't go to Dask: a TypeError with the names, and no
+    frames (none of them are the user's; nothing ran)."""
+    return tracebacks.with_user_traceback(TypeError(str(exc)))  # type: ignore[return-value]
 
 
 def _usage(magic: Callable[..., Any]) -> str:

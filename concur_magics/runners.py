@@ -60,7 +60,7 @@ def background(
         A name for ``%jobs`` and ``%jobs cancel NAME``.
     mode:
         ``"thread"``, ``"loop"`` or ``"dask"`` (cell source only: it runs on a Dask worker, see
-        :mod:`concur_magics.cluster`). Default: ``"loop"`` for code that awaits at top level,
+        :mod:`concur_magics.dask_jobs`). Default: ``"loop"`` for code that awaits at top level,
         coroutines and coroutine functions; ``"thread"`` otherwise.
     timeout:
         Seconds after which the job is stopped and its status becomes ``timeout``.
@@ -92,7 +92,7 @@ def background(
     runtime = Runtime.current()
     runtime.route(shell)
     if mode == "dask":
-        from .cluster import background_dask
+        from .dask_jobs import background_dask
 
         if not isinstance(work, str):
             raise TypeError("dask mode runs cell source; submit callables with the Dask client")

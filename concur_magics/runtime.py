@@ -28,6 +28,7 @@ from .process import Children
 from .routing import Routing
 
 if TYPE_CHECKING:
+    from .dask_jobs import DaskSession
     from .schedule import Clock
 
 __all__ = ["Runtime"]
@@ -66,6 +67,7 @@ class Runtime:
         self.clocks: dict[int, Clock] = {}
         self.children = Children()
         self.cluster = Cluster()
+        self._dask: DaskSession | None = None
         self.workers = WorkerPool()
         self.routing = Routing(self.jobs)
         self.status_lines: StatusLines | None = None
@@ -153,6 +155,15 @@ class Runtime:
                 job._out.rehome()
                 job._out.start_job(job)  # its status line, shown again in the new run
 
+    def dask(self) -> DaskSession:
+        """This runtime's use of the Dask cluster (its jobs there), made on first use."""
+        from .dask_jobs import DaskSession
+
+        with self._lock:
+            if self._dask is None:
+                self._dask = DaskSession(self.cluster)
+            return self._dask
+
     def kernel_loop(self) -> asyncio.AbstractEventLoop | None:
         """The kernel's loop if it is running, for work started from other threads."""
         loop = self.loop
@@ -177,7 +188,7 @@ class Runtime:
         if self.status_lines is not None:
             self.status_lines.close()
         self.children.kill_all()
-        self.cluster.close()
+        self.cluster.close("concur_magics was unloaded (or the kernel shut down)")
         self.deadlines.close()
         if self.deadlines.signal_installed and threading.current_thread() is threading.main_thread():
             if signal.getsignal(SIGNUM) == self.deadlines.on_signal:

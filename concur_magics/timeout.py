@@ -147,7 +147,7 @@ def run_with_timeout(
         children = Runtime.current().children
         return run_in_child(lambda _ns: fn(*args, **kwargs), {}, limit, children=children).value  # type: ignore[no-any-return]
     if mode == "dask":
-        from .cluster import run_call_on_dask
+        from .dask_jobs import run_call_on_dask
 
         return run_call_on_dask(fn, args, kwargs, limit)  # type: ignore[no-any-return]
     raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -191,7 +191,7 @@ def run_cell_with_timeout(
         children = Runtime.current().children
         return run_in_child(work, namespace, limit, copy_back=True, shell=shell, children=children).value
     if mode == "dask":
-        from .cluster import run_cell_on_dask
+        from .dask_jobs import run_cell_on_dask
 
         return run_cell_on_dask(cell, namespace, limit, shell=shell)
     raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -15,9 +15,9 @@ Where the frames live decides where they are cut:
   instead of formatting the whole traceback.
 * a job: when its traceback is shown in its cell (:func:`job_traceback`).
 * a forked child or a Dask worker: there, where the frames are. A child formats the lines itself
-  (it is a copy of the kernel, with the same shell and cell sources); a worker has no shell, so it
-  sends the frames (:func:`carried_frames`) and the kernel formats them (:func:`rebuilt_frames`),
-  knowing every cell's label and source.
+  (it is a copy of the kernel, with the same shell and cell sources); a worker has no shell (nor
+  this package), so it sends the frames (``concur_magics.remote.carried_frames``) and the kernel
+  formats them (:func:`rebuilt_frames`), knowing every cell's label and source.
 """
 
 from __future__ import annotations

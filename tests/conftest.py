@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -84,14 +86,22 @@ def no_leaks() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """A real ``dask scheduler`` and ``dask worker`` (with its nanny), as processes on 127.0.0.1."""
-    import json
-    import subprocess
     import sys
 
-    tmp = tmp_path_factory.mktemp("dask")
+    with dask_cluster(tmp_path_factory.mktemp("dask"), os.path.dirname(sys.executable)) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def dask_cluster(tmp: Path, bin_dir: str, env: dict[str, str] | None = None) -> Iterator[dict[str, object]]:
+    """Run ``dask scheduler`` and ``dask worker`` (one worker process, two threads, under a nanny)
+    from ``bin_dir`` on 127.0.0.1, in ``tmp``; yield their address and processes, kill them after."""
+    import json
+    import subprocess
+
     scheduler_file = tmp / "scheduler.json"
-    dask = os.path.join(os.path.dirname(sys.executable), "dask")
-    common = {"cwd": str(tmp), "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    dask = os.path.join(bin_dir, "dask")
+    common = {"cwd": str(tmp), "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
     scheduler = subprocess.Popen(
         [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
          "--scheduler-file", str(scheduler_file)], **common,  # type: ignore[call-overload]
@@ -117,8 +127,11 @@ def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         for process in (worker, scheduler):
             if process is None:
                 continue
-            for child in psutil.Process(process.pid).children(recursive=True):
-                child.kill()
+            try:
+                for child in psutil.Process(process.pid).children(recursive=True):
+                    child.kill()
+            except psutil.NoSuchProcess:
+                pass
             process.kill()
             process.wait(timeout=30)
 
