@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import compat
 from .kernel_log import KernelLog
 from .probe import SchedulerUnreachable, check_address, probe
 
@@ -38,6 +39,7 @@ __all__ = [
 ENV_SCHEDULER = "CONCUR_DASK_SCHEDULER"
 TOPIC = "concur-output"
 STARTED = "concur-started"
+LOGS = "concur-worker-logs"
 
 
 class Cluster:
@@ -183,6 +185,11 @@ class Cluster:
                 silence_logs=logging.CRITICAL,  # failures are shown in the cells they belong to
             )
             client = Client(local, set_as_default=False)
+            # Its workers' log records go to the kernel's log, not to the stderr they inherited.
+            from .remote import LogForwarding
+
+            client.subscribe_topic(LOGS, _on_worker_log)
+            client.register_plugin(LogForwarding(LOGS), name=LogForwarding.name)
         # Output of our cells arrives tagged with its job; other prints keep Dask's handler.
         client.subscribe_topic(TOPIC, self._on_output)
         client.subscribe_topic(STARTED, self._on_started)
@@ -432,3 +439,11 @@ def _has_dashboard(client: Any) -> bool:
     except Exception:  # noqa: BLE001 - an informational field only
         return False
 
+
+
+def _on_worker_log(event: tuple[float, dict[str, Any]]) -> None:
+    """A log record from a worker of our local cluster: into the kernel's own log (the kernel
+    process's real stderr), never into a cell; outside a kernel, distributed's logger."""
+    _, msg = event
+    target = compat.kernel_log() or logging.getLogger("distributed")
+    target.log(int(msg.get("level", logging.WARNING)), "[Dask worker pid %s] %s", msg.get("pid"), msg.get("message"))

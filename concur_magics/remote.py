@@ -23,6 +23,7 @@ import asyncio
 import builtins
 import contextvars
 import inspect
+import logging
 import os
 import signal
 import sys
@@ -33,7 +34,7 @@ from typing import Any, NamedTuple
 import distributed
 from distributed import WorkerPlugin, get_worker
 
-__all__ = ["CellCode", "OutputRouting", "RemoteExit", "Route", "run_remote", "run_remote_call"]
+__all__ = ["CellCode", "LogForwarding", "OutputRouting", "RemoteExit", "Route", "run_remote", "run_remote_call"]
 
 # A frame as it travels back to the kernel: (file name, function's qualified name, line, the
 # function's first line).
@@ -265,6 +266,60 @@ class OutputRouting(WorkerPlugin):
         if text:
             self.worker.log_event(self.topic, {"job": token, "name": name, "text": text})
         return True
+
+
+class LogForwarding(WorkerPlugin):
+    """A worker plugin for a local cluster the kernel started (never someone else's): the log
+    records of ``distributed`` (and ``tornado``, ``bokeh``) in a worker process go to the kernel as
+    Dask events, for the kernel's own log, instead of to the worker's stderr — which is the
+    kernel's, captured into whichever cell runs. ``teardown`` gives the handlers back."""
+
+    name = "concur-worker-logs"
+    PREFIXES = ("distributed", "tornado", "bokeh")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self._saved: list[tuple[logging.Logger, list[logging.Handler]]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"topic": self.topic, "_saved": []}
+
+    def setup(self, worker: Any) -> None:
+        handler = _EventHandler(worker, self.topic)
+        for logger in self._loggers():
+            self._saved.append((logger, list(logger.handlers)))
+            logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)] + [handler]
+
+    def teardown(self, worker: Any) -> None:
+        for logger, handlers in self._saved:
+            logger.handlers = handlers
+        self._saved = []
+
+    def _loggers(self) -> list[logging.Logger]:
+        names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] in self.PREFIXES]
+        loggers = [logging.getLogger(name) for name in names]
+        return [logger for logger in loggers if any(isinstance(h, logging.StreamHandler) for h in logger.handlers)]
+
+
+class _EventHandler(logging.Handler):
+    def __init__(self, worker: Any, topic: str) -> None:
+        super().__init__()
+        self.worker = worker
+        self.topic = topic
+        self.setFormatter(logging.Formatter("%(name)s - %(levelname)s - %(message)s"))
+        self._sending = contextvars.ContextVar("concur-log-sending", default=False)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._sending.get():  # sending an event logged something: don't loop
+            return
+        token = self._sending.set(True)
+        try:
+            self.worker.log_event(self.topic, {"name": record.name, "level": record.levelno,
+                                               "message": self.format(record), "pid": os.getpid()})
+        except Exception:  # noqa: BLE001 - a log record must never fail the worker
+            pass
+        finally:
+            self._sending.reset(token)
 
 
 def _live(obj: Any) -> Any:

@@ -142,6 +142,13 @@ def test_local_cluster_starts_on_first_use_and_is_gone_after_unload() -> None:
         assert int(cell.results[-1]["text/plain"]) in {p.pid for p in workers}
         info = run(kernel, "%dask").results[-1]["text/plain"]
         assert "(local cluster started by concur_magics)" in info and "127.0.0.1" in info
+        # A worker's own log records go to the kernel's log, not to the stderr the worker process
+        # inherited from the kernel (which ipykernel would show in whichever cell runs).
+        run(kernel, "%%timeout 60 --mode dask\nimport logging\n"
+                    "logging.getLogger('distributed.worker').critical('a worker record, 7f3a')", timeout=90)
+        run(kernel, "import time\ntime.sleep(1.5)")
+        kernel.pump(0.5)
+        assert not [c.text for c in kernel.cells.values() if "7f3a" in c.text]
         run(kernel, "%unload_ext concur_magics", timeout=60)
         gone, alive = psutil.wait_procs(workers, timeout=WITHIN)
         # Python's multiprocessing resource tracker, shared by everything in the kernel that uses
