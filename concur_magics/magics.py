@@ -204,15 +204,11 @@ class ConcurMagics(Magics):
                 shell=self.shell,
                 grace=self.timeout_grace,
             )
-        except cluster.SchedulerUnreachable as exc:
-            self._sync_traits()
-            raise UsageError(str(exc)) from None
-        except shipping.UnpicklableInputs as exc:
-            raise _plain_type_error(exc) from None
         except BaseException as exc:
-            # Shown from the cell's own lines: not from this magic's call line, nor through us.
-            tracebacks.with_user_traceback(exc)
-            raise
+            shown = self._timeout_failure(exc)
+            if shown is exc:
+                raise
+            raise shown from None
 
     async def timeout_async(self, line: str, cell: str) -> Any:
         """``%%timeout`` for a cell that awaits at top level; the cell runs on the kernel's loop.
@@ -231,14 +227,23 @@ class ConcurMagics(Magics):
                 shell=self.shell,
                 grace=self.timeout_grace,
             )
-        except cluster.SchedulerUnreachable as exc:
-            self._sync_traits()
-            raise UsageError(str(exc)) from None
-        except shipping.UnpicklableInputs as exc:
-            raise _plain_type_error(exc) from None
         except BaseException as exc:
-            tracebacks.with_user_traceback(exc)
-            raise
+            shown = self._timeout_failure(exc)
+            if shown is exc:
+                raise
+            raise shown from None
+
+    def _timeout_failure(self, exc: BaseException) -> BaseException:
+        """What a failed ``%%timeout`` cell shows for ``exc``: a UsageError for an unusable
+        scheduler, a plain TypeError for inputs Dask can't take, else ``exc`` itself, shown from
+        the cell's own lines (not from this magic's call line, nor through us)."""
+        if isinstance(exc, cluster.SchedulerUnreachable):
+            self._sync_traits()
+            return UsageError(str(exc))
+        if isinstance(exc, shipping.UnpicklableInputs):
+            return _plain_type_error(exc)
+        tracebacks.with_user_traceback(exc)
+        return exc
 
     @property
     def _namespace(self) -> dict[str, Any]:

@@ -445,11 +445,7 @@ def _ask_where(
             kind, *payload = pickle.loads(conn.recv_bytes())
             if kind == "where":
                 return payload[0], last_batch
-            if kind == "streams":
-                _write_streams(payload[0])
-                last_batch = max(last_batch, payload[1])
-            elif kind == "display":
-                _display(shell, *payload)
+            last_batch = _show(kind, payload, shell, last_batch)
     except (EOFError, OSError, pickle.UnpicklingError):
         pass
     return None, last_batch
@@ -460,14 +456,20 @@ def _drain(conn: Connection, shell: Any, unsent: UnsentText, last_batch: int) ->
     try:
         while conn.poll(0):
             kind, *payload = pickle.loads(conn.recv_bytes())
-            if kind == "streams":
-                _write_streams(payload[0])
-                last_batch = max(last_batch, payload[1])
-            elif kind == "display":
-                _display(shell, *payload)
+            last_batch = _show(kind, payload, shell, last_batch)
     except (EOFError, OSError, pickle.UnpicklingError):
         pass
     _write_streams(unsent.after_death(last_batch))
+
+
+def _show(kind: str, payload: list[Any], shell: Any, last_batch: int) -> int:
+    """Show a message of the child's output; return the number of the last batch of text shown."""
+    if kind == "streams":
+        _write_streams(payload[0])
+        return max(last_batch, payload[1])
+    if kind == "display":
+        _display(shell, *payload)
+    return last_batch
 
 
 def _rebuild_error(
