@@ -29,6 +29,7 @@ import codecs
 import concurrent.futures
 import contextvars
 import functools
+import inspect
 import os
 import selectors
 import subprocess
@@ -181,19 +182,24 @@ class Routing:
     def _popen_init(self, original: Callable[..., None]) -> Callable[..., None]:
         relay = self.relay
 
+        signature = inspect.signature(original)
+
         @functools.wraps(original)
-        def __init__(popen: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        def __init__(popen: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
             job = current_job.get()
-            if job is None or job._out is None or rest:  # positional bufsize, executable...: as is
-                original(popen, args, *rest, **kwargs)
+            if job is None or job._out is None:
+                original(popen, *args, **kwargs)
                 return
+            # By name, however they were passed (Popen takes no **kwargs: every argument has one).
+            kwargs = dict(signature.bind(popen, *args, **kwargs).arguments)
+            del kwargs[next(iter(signature.parameters))]  # self
             pipes: dict[str, tuple[int, int]] = {}
             for name in ("stdout", "stderr"):
                 if _inherits(kwargs.get(name), name):
                     pipes[name] = os.pipe()
                     kwargs[name] = pipes[name][1]
             try:
-                original(popen, args, **kwargs)
+                original(popen, **kwargs)
             except BaseException:
                 for read_end, write_end in pipes.values():
                     os.close(read_end)

@@ -48,6 +48,7 @@ def test_threads_executors_and_subprocesses_of_a_job_report_to_its_cell(kernel: 
         "subprocess.run(['echo', 'from a subprocess'])\n"
         "subprocess.run('echo from a subprocess on stderr >&2', shell=True)\n"
         "subprocess.run(['echo', 'given sys.stdout'], stdout=sys.stdout)\n"
+        "subprocess.Popen(['echo', 'positional arguments'], -1, None, None, None).wait()\n"
         "rc = os.system('echo from os.system; exit 3')\n"
         "print('exit status', rc >> 8)\n"
         "captured = subprocess.run(['echo', 'captured'], capture_output=True, text=True).stdout\n"
@@ -59,7 +60,7 @@ def test_threads_executors_and_subprocesses_of_a_job_report_to_its_cell(kernel: 
     kernel.pump(0.5)
     assert other.stdout == "the other cell\n", other.text
     expected = ["from the child thread", "from an executor worker", "from a subprocess", "given sys.stdout",
-                "from os.system", "exit status 3"]
+                "positional arguments", "from os.system", "exit status 3"]
     lines = job.stdout.splitlines()
     assert lines == expected, job.text
     assert job.stderr == "from a subprocess on stderr\n"
