@@ -256,7 +256,10 @@ class ConcurMagics(Magics):
         args.mode = args.mode or self.default_timeout_mode
         if args.mode == "dask":
             self._sync_cluster()
-        return args, compile_cell(cell, shell=self.shell, first_line=2)
+        try:
+            return args, compile_cell(cell, shell=self.shell, first_line=2)
+        except SyntaxError as exc:
+            raise tracebacks.tidy_syntax_error(self.shell, exc) from None
 
     @magic_arguments()
     @argument("-n", "--name", help="a name for the job, for %%jobs and %%jobs cancel NAME")
@@ -318,6 +321,8 @@ class ConcurMagics(Magics):
             raise UsageError(str(exc)) from None
         except shipping.UnpicklableInputs as exc:
             raise _plain_type_error(exc) from None
+        except SyntaxError as exc:
+            raise tracebacks.tidy_syntax_error(self.shell, exc) from None
         finally:
             self._sync_traits()
         if args.out is not None:
@@ -348,8 +353,9 @@ class ConcurMagics(Magics):
     @argument("--timeout", type=seconds, metavar="SECONDS", help="wait: give up after this long")
     @argument(
         "--show", action="store_true",
-        help="wait: then show each job's output here (for notebooks run headless, e.g. by nbclient "
-        "or papermill, which keep only what arrives before each cell's reply)",
+        help="wait: then show each job's output here — the named jobs, or every job kept (for "
+        "notebooks run headless, e.g. by nbclient or papermill, which keep only what arrives "
+        "before each cell's reply)",
     )
     @line_magic
     def jobs(self, line: str) -> JobsView | None:
@@ -390,19 +396,26 @@ class ConcurMagics(Magics):
                 "level of a cell (not inside a function), or `await job`"
             )
         wait_for_jobs(targets, args.timeout)
-        return self._waited(targets, args.show)
+        return self._waited(targets, args)
 
     async def jobs_async(self, line: str) -> JobsView | None:
         """``%jobs wait`` on the kernel's loop, so loop jobs keep running while it waits."""
         args, targets = self._parse_jobs(line)
         await wait_for_jobs_async(targets, args.timeout, self.runtime.activity)
-        return self._waited(targets, args.show)
+        return self._waited(targets, args)
 
     def _show_logs(self, jobs: list[Job]) -> None:
-        """Show each job's output log again in this cell, under a line naming the job."""
+        """Show each job's output log again in this cell, under a line naming the job, and refresh
+        each job's status line wherever it is shown (a headless run, e.g. nbclient, applies a
+        refresh sent from this cell to the earlier cells too)."""
         for job in jobs:
-            print(f"── {job!r}")
+            print(f"── {job!r}", flush=True)
             job.log.replay(self.shell)
+            shell: Any = self.shell
+            if shell is not None and job._began:  # sent from this cell: see above
+                data, metadata = shell.display_formatter.format(job)
+                shell.display_pub.publish(data=data, metadata=metadata,
+                                          transient={"display_id": job.display_id}, update=True)
 
     def _parse_jobs(self, line: str) -> tuple[argparse.Namespace, list[Job]]:
         args = parse_args(self.jobs, line)
@@ -508,12 +521,13 @@ class ConcurMagics(Magics):
                 return bound
             raise UsageError(f"{exc.args[0]}\n{usage}") from None
 
-    def _waited(self, targets: list[Job], show: bool = False) -> JobsView | None:
+    def _waited(self, targets: list[Job], args: argparse.Namespace) -> JobsView | None:
+        if args.show:
+            # Named jobs, or (none named) every job kept: those that ended before the wait too.
+            self._show_logs(targets if args.jobs else list(self.runtime.jobs))
         if not targets:
             print("no jobs to wait for")
             return None
-        if show:
-            self._show_logs(targets)
         running = [job.label for job in targets if not job.done()]
         if running:
             print(f"still running: {', '.join(running)}")
@@ -588,10 +602,13 @@ class ConcurMagics(Magics):
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"-o needs a variable name, got {args.out!r}\n{usage}")
         key, run = self._cell_key(line, cell)
-        job = schedule.every(
-            cell, args.interval, times=args.times, name=args.name, shell=self.shell,
-            namespace=self._namespace, first_line=2, cell=key, run=run,
-        )
+        try:
+            job = schedule.every(
+                cell, args.interval, times=args.times, name=args.name, shell=self.shell,
+                namespace=self._namespace, first_line=2, cell=key, run=run,
+            )
+        except SyntaxError as exc:
+            raise tracebacks.tidy_syntax_error(self.shell, exc) from None
         if args.out is not None:
             self._namespace[args.out] = job
 

@@ -159,7 +159,7 @@ class OutputLog:
         from . import compat
 
         if self.dropped:
-            write_stream("stderr", f"[... {self.dropped} characters of earlier output dropped ...]\n")
+            write_stream("stdout", f"[... {self.dropped} characters of earlier output dropped ...]\n")
         for entry in self.entries():
             if entry[0] == "stream":
                 write_stream(entry[1], entry[2])

@@ -161,7 +161,10 @@ class Routing:
                 flush_streams()  # what the job printed before this display is logged before it
                 data = kwargs.get("data", args[0] if args else {})
                 job.log.add_display(data, kwargs.get("metadata", args[1] if len(args) > 1 else None))
-            return job._out.run(original, *args, **kwargs)
+            result = job._out.run(original, *args, **kwargs)
+            if kind == "clear_output":
+                job._out.start_job(job)  # the job's own status line stays in its cell
+            return result
 
         return publish
 
@@ -246,10 +249,23 @@ def _thread_start(original: Callable[[threading.Thread], None]) -> Callable[[thr
     def start(thread: threading.Thread) -> None:
         if current_job.get() is not None:
             # The instance's run, so a subclass's own run() is the one called in the context.
-            thread.run = functools.partial(contextvars.copy_context().run, thread.run)  # type: ignore[method-assign]
+            thread.run = functools.partial(  # type: ignore[method-assign]
+                contextvars.copy_context().run, _run_reporting, thread, thread.run
+            )
         original(thread)
 
     return start
+
+
+def _run_reporting(thread: threading.Thread, run: Callable[[], None]) -> None:
+    """Run a job's thread; if it fails, call ``threading.excepthook`` here, in the job's context,
+    so its traceback goes to the job's cell (threading would call it outside the context)."""
+    try:
+        run()
+    except SystemExit:
+        pass  # threading ignores it too
+    except BaseException as exc:  # noqa: BLE001 - reported as threading reports it
+        threading.excepthook(threading.ExceptHookArgs([type(exc), exc, exc.__traceback__, thread]))
 
 
 def _executor_submit(original: Callable[..., Any]) -> Callable[..., Any]:

@@ -174,6 +174,25 @@ def with_user_traceback(error: BaseException) -> BaseException:
     return error
 
 
+class CellSyntaxError(Exception):
+    """A syntax error in a magic's body, shown exactly as IPython shows one in a plain cell: the
+    cell's line and a caret, no frames (nothing ran). Not a ``SyntaxError`` subclass, because IPython
+    lists every frame of those — and none of them are the user's. ``syntax_error`` is the original."""
+
+    syntax_error: SyntaxError
+
+
+def tidy_syntax_error(shell: Any, error: SyntaxError) -> BaseException:
+    """What a magic raises for a syntax error in its body (see :class:`CellSyntaxError`)."""
+    formatter = getattr(shell, "SyntaxTB", None)
+    if formatter is None:
+        return error
+    tidy = CellSyntaxError(str(error))
+    tidy.syntax_error = error
+    with_rendered_traceback(tidy, list(formatter.structured_traceback(type(error), error, [])))
+    return tidy
+
+
 def with_rendered_traceback(error: BaseException, lines: list[str] | None) -> BaseException:
     """Make IPython show ``lines`` for ``error`` (``_render_traceback_``); return ``error``."""
     if lines:

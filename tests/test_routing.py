@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from concur_magics.frontend import Cell, Kernel
 
@@ -169,6 +170,7 @@ def test_a_notebook_run_headless_keeps_its_jobs_output(tmp_path: Path) -> None:
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (
         "%load_ext concur_magics",
+        "%%background -n quick\n'quick value'",
         "%%background -n late\nimport time\nprint('early line')\ntime.sleep(1)\nprint('late line')\n6 * 7",
         "%%background -n broken\nimport time\ntime.sleep(0.5)\nraise ValueError('broken job')",
         "%jobs wait --show",
@@ -178,14 +180,19 @@ def test_a_notebook_run_headless_keeps_its_jobs_output(tmp_path: Path) -> None:
     client = NotebookClient(nb, km=manager, timeout=60, startup_timeout=60)
     client.execute(cleanup_kc=True)
     # nbclient keeps only what arrives before each cell's reply: the late line is not in its cell...
-    assert "late line" not in str(nb.cells[1].outputs)
+    assert "late line" not in str(nb.cells[2].outputs)
+    # ...its status lines are refreshed from the waiting cell (nbclient applies a display update
+    # to every output with that display id)...
+    for index in (1, 2, 3):
+        status = [str(o["data"]["text/plain"]) for o in nb.cells[index].outputs if o["output_type"] == "display_data"]
+        assert status and " running " not in status[0] and ("done" in status[0] or "error" in status[0]), status
     # ...but the waiting cell shows each job's whole log, so the saved notebook has it.
     last = nb.cells[-1].outputs
     text = "".join(o.get("text", "") for o in last if o["output_type"] == "stream")
     data = "".join(str(o.get("data", {}).get("text/plain", "")) for o in last)
     tracebacks = "\n".join("\n".join(o.get("traceback", [])) for o in last if o["output_type"] == "error")
     assert "early line" in text and "late line" in text, last
-    assert "42" in data, last
+    assert "42" in data and "'quick value'" in data, last  # a job that ended before the wait too
     assert "ValueError" in tracebacks and "broken job" in tracebacks, last
 
 
@@ -215,3 +222,33 @@ def test_unloading_takes_every_patch_and_the_relay_away(fresh_kernel: Kernel) ->
     assert threads == "[]", threads
     # 300 relayed subprocesses left no pipe behind (a few fds either way: ipykernel's own).
     assert int(value(fresh_kernel, "len(os.listdir('/proc/self/fd'))")) <= int(fds) + 2
+
+
+@pytest.mark.parametrize("magic", ["%%background", "%%timeout 5", "%%every 1s --times 1"])
+def test_a_syntax_error_in_a_magic_cell_shows_as_in_a_plain_cell(kernel: Kernel, magic: str) -> None:
+    cell = run(kernel, f"{magic}\nx = (1,\nprint(x)")
+    assert cell.error is not None and cell.error["ename"] == "CellSyntaxError", cell.text
+    text = "\n".join(cell.error["traceback"])
+    assert "SyntaxError: '(' was never closed" in text, text
+    assert "was never closed" in text and "x = (1," in text, text
+    for machinery in ("run_cell_magic", "concur_magics", "ast.py", "Traceback"):
+        assert machinery not in text, text
+
+
+def test_a_crash_in_a_thread_a_job_started_is_shown_in_the_jobs_cell(kernel: Kernel) -> None:
+    job = job_cell(kernel, "%%background -n crashing -o crashing\nimport threading\ndef bad():\n"
+                           "    raise KeyError('in a thread')\nt = threading.Thread(target=bad)\nt.start(); t.join()")
+    other = run(kernel, "import time\ntime.sleep(1)")
+    finished(kernel, "crashing")
+    kernel.pump(0.3)
+    assert "KeyError: 'in a thread'" in job.stderr and "KeyError" not in other.text, (job.text, other.text)
+    assert "KeyError: 'in a thread'" in run(kernel, "print(crashing.output)").stdout
+
+
+def test_clear_output_in_a_job_keeps_its_status_line(kernel: Kernel) -> None:
+    cell = job_cell(kernel, "%%background -n clearing\nfrom IPython.display import clear_output\n"
+                            "print('before clear')\nclear_output()\nprint('after clear')")
+    finished(kernel, "clearing")
+    kernel.pump(0.3)
+    assert "before clear" not in cell.stdout and "after clear" in cell.stdout, cell.text
+    assert any("clearing" in line and "done" in line for line in status_lines(cell)), cell.text
