@@ -220,17 +220,6 @@ class Job:
         """
         return self.log.text()
 
-    def write_as_code(self, name: str, text: str) -> None:
-        """Write ``text`` as the job's own code would print it (for output relayed from what the
-        job started: it keeps its place among the job's prints)."""
-        from .output import write_stream
-
-        context = self._code_context
-        if context is not None:
-            context.copy().run(write_stream, name, text, False)
-        elif self._out is not None:
-            self._out.write(name, text)
-
     def refresh_status_line(self, held_up: bool = False) -> None:
         """Refresh the job's status line while it runs (its elapsed time; whether it is held up)."""
         with self._lock:  # not after settle's final refresh: that one must be the last

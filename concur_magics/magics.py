@@ -16,6 +16,7 @@ from traitlets import Enum, Float, Instance, TraitError, Unicode, default, obser
 from . import cluster, compat, runners, schedule, shipping, tracebacks
 from .cells import CompiledCell, compile_cell
 from .jobs import Job
+from .output import show_job_logs
 from .table import JobsView, wait_for_jobs, wait_for_jobs_async
 from .runtime import Runtime
 from .timeout import MODES, check_seconds, run_cell_with_timeout, run_cell_with_timeout_async
@@ -196,14 +197,7 @@ class ConcurMagics(Magics):
                 "first line (it was reached through another magic); or use --mode process"
             )
         try:
-            return run_cell_with_timeout(
-                compiled,
-                self._namespace,
-                args.seconds,
-                mode=args.mode,
-                shell=self.shell,
-                grace=self.timeout_grace,
-            )
+            return run_cell_with_timeout(compiled, self._namespace, args.seconds, **self._timeout_options(args))
         except BaseException as exc:
             shown = self._timeout_failure(exc)
             if shown is exc:
@@ -220,18 +214,16 @@ class ConcurMagics(Magics):
         args, compiled = self._prepare_timeout(line, cell)
         try:
             return await run_cell_with_timeout_async(
-                compiled,
-                self._namespace,
-                args.seconds,
-                mode=args.mode,
-                shell=self.shell,
-                grace=self.timeout_grace,
+                compiled, self._namespace, args.seconds, **self._timeout_options(args)
             )
         except BaseException as exc:
             shown = self._timeout_failure(exc)
             if shown is exc:
                 raise
             raise shown from None
+
+    def _timeout_options(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"mode": args.mode, "shell": self.shell, "grace": self.timeout_grace}
 
     def _timeout_failure(self, exc: BaseException) -> BaseException:
         """What a failed ``%%timeout`` cell shows for ``exc``: a UsageError for an unusable
@@ -379,7 +371,7 @@ class ConcurMagics(Magics):
         if args.action == "list":
             return self.runtime.jobs.view()
         if args.action == "show":
-            self._show_logs(targets)
+            show_job_logs(targets, self.shell)
             return None
         if args.action == "clear":
             print(f"forgot {self.runtime.jobs.clear()} finished job(s)")
@@ -403,19 +395,6 @@ class ConcurMagics(Magics):
         args, targets = self._parse_jobs(line)
         await wait_for_jobs_async(targets, args.timeout, self.runtime.activity)
         return self._waited(targets, args)
-
-    def _show_logs(self, jobs: list[Job]) -> None:
-        """Show each job's output log again in this cell, under a line naming the job, and refresh
-        each job's status line wherever it is shown (a headless run, e.g. nbclient, applies a
-        refresh sent from this cell to the earlier cells too)."""
-        for job in jobs:
-            print(f"── {job!r}", flush=True)
-            job.log.replay(self.shell)
-            shell: Any = self.shell
-            if shell is not None and job._began:  # sent from this cell: see above
-                data, metadata = shell.display_formatter.format(job)
-                shell.display_pub.publish(data=data, metadata=metadata,
-                                          transient={"display_id": job.display_id}, update=True)
 
     def _parse_jobs(self, line: str) -> tuple[argparse.Namespace, list[Job]]:
         args = parse_args(self.jobs, line)
@@ -524,7 +503,7 @@ class ConcurMagics(Magics):
     def _waited(self, targets: list[Job], args: argparse.Namespace) -> JobsView | None:
         if args.show:
             # Named jobs, or (none named) every job kept: those that ended before the wait too.
-            self._show_logs(targets if args.jobs else list(self.runtime.jobs))
+            show_job_logs(targets if args.jobs else list(self.runtime.jobs), self.shell)
         if not targets:
             print("no jobs to wait for")
             return None

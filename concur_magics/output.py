@@ -38,7 +38,7 @@ from .tracebacks import format_traceback, with_rendered_traceback  # noqa: F401 
 if TYPE_CHECKING:
     from .jobs import Job
 
-__all__ = ["LOG_LIMIT", "CellOutput", "OutputLog", "StatusLines", "current_job", "enter_job", "flush_streams",
+__all__ = ["LOG_LIMIT", "CellOutput", "OutputLog", "StatusLines", "current_job", "enter_job", "flush_streams", "show_job_logs",
            "format_traceback", "with_rendered_traceback", "write_stream"]
 
 T = TypeVar("T")
@@ -386,6 +386,19 @@ class StatusLines:
             self.iopub_loop.add_callback(self._stop_timer)
         except RuntimeError:
             pass
+
+
+def show_job_logs(jobs: list[Job], shell: Any) -> None:
+    """Show each job's output log again in the calling cell (``%jobs show``, ``%jobs wait --show``),
+    under a line naming the job, and refresh each job's status line from this cell: a headless run
+    (nbclient) applies a display update sent here to the earlier cells that show the line too."""
+    for job in jobs:
+        print(f"── {job!r}", flush=True)
+        job.log.replay(shell)
+        if shell is not None and job._began:
+            data, metadata = shell.display_formatter.format(job)
+            shell.display_pub.publish(data=data, metadata=metadata,
+                                      transient={"display_id": job.display_id}, update=True)
 
 
 def flush_streams() -> None:

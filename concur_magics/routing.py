@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import compat
-from .output import JOB_KEY, UNOWNED_KEY, current_job, flush_streams, untagged
+from .output import JOB_KEY, UNOWNED_KEY, current_job, flush_streams, untagged, write_stream
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -237,6 +237,16 @@ class Routing:
         return system
 
 
+def _write_as_code(job: Job, name: str, text: str) -> None:
+    """Write ``text`` as the job's own code would print it, so output relayed from what the job
+    started keeps its place among the job's prints."""
+    context = job._code_context
+    if context is not None:
+        context.copy().run(write_stream, name, text, False)
+    elif job._out is not None:
+        job._out.write(name, text)
+
+
 def _inherits(target: Any, name: str) -> bool:
     """Whether a child given this stdout/stderr argument would write to the kernel's own fd."""
     if target is None:
@@ -333,7 +343,7 @@ class Relay:
             data = b""
         text = decoder.decode(data, final=not data)
         if text:
-            job.write_as_code(name, text)
+            _write_as_code(job, name, text)
         if not data:
             with self._lock:
                 self._selector.unregister(fd)
