@@ -197,11 +197,16 @@ def _start_thread(runtime: Runtime, job: Job, call: Callable[[], Any], is_async:
         threading.current_thread().name = f"concur-job-{job.id}"
         enter_job(job, out.shell)
         target = _ThreadTarget()
-        if not job.begin(target.interrupt, runtime.deadlines.call_later):
-            return
         outcome: list[tuple[str, Any, BaseException | None]] = []
+        began = False
         while True:
             try:
+                if not began:
+                    # A stop may land inside begin() itself (a deadline of a microsecond, a cancel
+                    # at that moment): it is this job's, caught below like one in the work.
+                    began = True
+                    if not job.begin(target.interrupt, runtime.deadlines.call_later):
+                        return  # cancelled before it started: no interrupt was ever armed
                 if not outcome:
                     try:
                         value = body()
@@ -211,7 +216,7 @@ def _start_thread(runtime: Runtime, job: Job, call: Callable[[], Any], is_async:
                         outcome.append(("done", value, None))
                 target.close()
                 break
-            except JobStopped as exc:  # landed after the work ended, in the lines above
+            except JobStopped as exc:  # landed in begin(), or after the work ended
                 if not outcome:
                     outcome.append((*_split(job.outcome_of(exc)),))
         status, value, error = outcome[0]

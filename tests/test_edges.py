@@ -3,6 +3,7 @@ swallows exceptions, reruns, open-ended schedules, C code that holds the interpr
 
 from __future__ import annotations
 
+import ast
 import pytest
 
 from concur_magics.frontend import Cell, Kernel
@@ -327,3 +328,20 @@ def test_a_deadline_inside_a_process_mode_cell_works(kernel: Kernel) -> None:
     assert value(kernel, "inner") == "'stopped'"
     assert float(value(kernel, "inner_took")) < 5  # generous; the sleep it stopped was 10 s
     assert ended(kernel, "keeper") == "done"
+
+
+def test_microsecond_job_deadlines_stop_their_own_jobs_and_no_later_one(kernel: Kernel) -> None:
+    # A deadline of a microsecond can land while the job is still beginning (showing its line):
+    # it must end that job, and never reach a later job that runs on the same pool thread.
+    cell = run(kernel, (
+        "import concur_magics, time\nfrom concur_magics.table import wait_for_jobs\n"
+        "tiny = [concur_magics.background(lambda: time.sleep(0.01), timeout=1e-6) for _ in range(300)]\n"
+        "wait_for_jobs(tiny, 60)\n"
+        "later = [concur_magics.background(lambda: time.sleep(0.05) or 'ok', show=False) for _ in range(20)]\n"
+        "time.sleep(2.5)\n"  # a stray stop would be repeated every second meanwhile
+        "wait_for_jobs(later, 60)\n"
+        "(sorted({j.status for j in tiny}), [j.status for j in later].count('done'))"
+    ), timeout=120)
+    assert cell.status == "ok" and "job thread failed" not in cell.text, cell.text
+    statuses, done = cell.results[-1]["text/plain"].rsplit(", ", 1)
+    assert set(ast.literal_eval(statuses.lstrip("("))) <= {"timeout", "done"} and done.rstrip(")") == "20", cell.text
