@@ -4,6 +4,7 @@ swallows exceptions, reruns, open-ended schedules, C code that holds the interpr
 from __future__ import annotations
 
 import ast
+
 import pytest
 
 from concur_magics.frontend import Cell, Kernel
