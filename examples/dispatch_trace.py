@@ -36,7 +36,7 @@ def main() -> None:
             print("the cell's value:", busy.results[-1]["text/plain"])
             trace = kernel.execute("%dispatch 8")
             print()
-            print(trace.results[0]["text/plain"])  # the table; the records as JSON follow it
+            print(trace.results[0]["text/plain"])  # the table; the records are in the same output, as data
 
 
 if __name__ == "__main__":

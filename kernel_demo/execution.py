@@ -7,9 +7,11 @@ import base64
 import builtins
 import codeop
 import fnmatch
+import importlib.util
 import inspect
 import io
 import linecache
+import os
 import re
 import rlcompleter
 import sys
@@ -20,13 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from .trace import as_json, bundle
+from .trace import bundle
 
 if TYPE_CHECKING:
     from .kernel import Kernel
     from .trace import Record
 
 _AWAIT = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))  # the kernel's own files
 _REPRS = (
     ("text/html", "_repr_html_"), ("text/markdown", "_repr_markdown_"), ("image/svg+xml", "_repr_svg_"),
     ("image/png", "_repr_png_"), ("image/jpeg", "_repr_jpeg_"), ("text/latex", "_repr_latex_"),
@@ -144,6 +147,13 @@ class Executor:
         sys.stdout = OutStream(self, "stdout")  # type: ignore[assignment]
         sys.stderr = OutStream(self, "stderr")  # type: ignore[assignment]
         builtins.input = self.input  # type: ignore[assignment]
+        # With IPython installed, IPython.display's functions publish through this kernel too; without
+        # it nothing of IPython is imported, and our display / clear_output above are the only ones.
+        self.ipython = None
+        if importlib.util.find_spec("IPython") is not None:
+            from .ipython_display import install
+
+            self.ipython = install(self)
 
     # -------------------------------------------------------------- execute
     async def execute(self, code: str, msg: dict[str, Any], *, silent: bool, store_history: bool,
@@ -158,6 +168,8 @@ class Executor:
             self.kernel.publish("execute_input", {"code": code, "execution_count": self.count}, msg, record=record)
         output: str | None = None
         payload: list[dict[str, Any]] = []
+        if self.ipython is not None:
+            self.ipython.events.trigger("pre_execute")
         try:
             help_for = re.fullmatch(r"\s*([\w.]+)\?\s*", code)
             if help_for:  # `name?` pages the object's help, as in IPython
@@ -172,11 +184,12 @@ class Executor:
                 value = await self._run(code)
             if value is not None and not silent:
                 self.namespace["_"] = value
-                data = mime_bundle(value)
-                output = data["text/plain"]
-                self.kernel.publish("execute_result", {
-                    "execution_count": self.count, "data": data, "metadata": {},
-                }, msg, record=record)
+                data, metadata = self._format(value)
+                output = data.get("text/plain")
+                if data:  # empty when the object displayed itself (IPython's _ipython_display_)
+                    self.kernel.publish("execute_result", {
+                        "execution_count": self.count, "data": data, "metadata": metadata,
+                    }, msg, record=record)
             reply: dict[str, Any] = {"status": "ok", "execution_count": self.count, "payload": payload,
                                      "user_expressions": self._user_expressions(user_expressions)}
         except BaseException as exc:  # noqa: BLE001 - the user's error becomes the reply
@@ -187,6 +200,8 @@ class Executor:
                 self.kernel.publish("error", error, msg, record=record)
             reply = {"status": "error", "execution_count": self.count, **error}
         finally:
+            if self.ipython is not None:
+                self.ipython.events.trigger("post_execute")  # e.g. matplotlib redraws here
             sys.stdout.flush()
             sys.stderr.flush()
             self.silent = False
@@ -218,6 +233,12 @@ class Executor:
                 value = result
         return value
 
+    def _format(self, value: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A cell's value as data and metadata: IPython's formatter when it is there, else ours."""
+        if self.ipython is not None and self.ipython.display_formatter is not None:
+            return self.ipython.display_formatter.format(value)
+        return mime_bundle(value), {}
+
     def _filename(self) -> str:
         return f"<cell {self.count}>"
 
@@ -234,12 +255,16 @@ class Executor:
     def _error(exc: BaseException) -> dict[str, Any]:
         import asyncio
 
-        if isinstance(exc, asyncio.CancelledError):
-            exc = KeyboardInterrupt("the cell was interrupted while it awaited")
+        if isinstance(exc, asyncio.CancelledError):  # keep its traceback: where the cell awaited
+            exc = KeyboardInterrupt("the cell was interrupted while it awaited").with_traceback(exc.__traceback__)
         frames = traceback.extract_tb(exc.__traceback__)
-        # Keep the user's frames (from "<cell N>") and what they called; drop the kernel's own.
-        start = next((i for i, f in enumerate(frames) if f.filename.startswith("<cell ")), len(frames))
-        lines = traceback.format_list(frames[start:]) if start < len(frames) else []
+        # Keep the user's frames (from "<cell N>") and what they called. Drop the kernel's own: those
+        # that ran the cell, before it, and after the cell's last frame, from the first of ours on
+        # (the SIGINT handler that stopped it, input() waiting for the frontend, and what they called).
+        cells = [i for i, f in enumerate(frames) if f.filename.startswith("<cell ")]
+        start, after = (cells[0], cells[-1] + 1) if cells else (len(frames), len(frames))
+        own = (i for i in range(after, len(frames)) if os.path.dirname(os.path.abspath(frames[i].filename)) == _PACKAGE_DIR)
+        lines = traceback.format_list(frames[start:next(own, len(frames))])
         lines += traceback.format_exception_only(type(exc), exc)
         return {"ename": type(exc).__name__, "evalue": str(exc),
                 "traceback": ["Traceback (most recent call last):"] + [line.rstrip("\n") for line in lines]}
@@ -248,13 +273,17 @@ class Executor:
     def display(self, *objs: Any, display_id: str | None = None, update: bool = False) -> None:
         """Show objects in the cell, with their rich representations (as IPython's display)."""
         for obj in objs:
-            content: dict[str, Any] = {"data": mime_bundle(obj), "metadata": {}, "transient": {}}
-            if display_id:
-                content["transient"] = {"display_id": display_id}
-            sys.stdout.flush()
-            self.kernel.publish("update_display_data" if update else "display_data", content, self.parent)
+            self.publish_display(mime_bundle(obj), {}, {"display_id": display_id} if display_id else {}, update=update)
+
+    def publish_display(self, data: dict[str, Any], metadata: dict[str, Any], transient: dict[str, Any], *,
+                        update: bool = False) -> None:
+        """Publish ``display_data`` (or ``update_display_data``) in the running cell, after its prints."""
+        sys.stdout.flush()
+        content = {"data": data, "metadata": metadata, "transient": transient}
+        self.kernel.publish("update_display_data" if update else "display_data", content, self.parent)
 
     def clear_output(self, wait: bool = False) -> None:
+        """Clear the cell's output, now or (``wait=True``) when the next output arrives."""
         sys.stdout.flush()
         self.kernel.publish("clear_output", {"wait": wait}, self.parent)
 
@@ -277,7 +306,7 @@ class Executor:
 
     # -------------------------------------------------------------- %dispatch
     def _dispatch_magic(self, args: list[str]) -> Any:
-        """``%dispatch [N]`` (a table, then the records as JSON), ``%dispatch --live [N]``, ``--stop``."""
+        """``%dispatch [N]`` (the table and the records), ``%dispatch --live [N]``, ``--stop``."""
         usage = "usage: %dispatch [N] | %dispatch --live [N] | %dispatch --stop"
         flags = [a for a in args if a.startswith("--")]
         numbers = [a for a in args if not a.startswith("--")]
@@ -301,11 +330,7 @@ class Executor:
 
             trace.listeners[:] = [refresh]
             return None
-        # The table as a display, the records as the result. One bundle holding both would show as
-        # a JSON tree in JupyterLab, which ranks application/json above text/html.
-        records = trace.last(n)
-        self.display(_Bundle(bundle(records)))
-        return _Bundle(as_json(records))
+        return _Bundle(bundle(trace.last(n)))  # the table, with the records as data, in one output
 
     # -------------------------------------------------------------- complete, inspect, is_complete
     def complete(self, code: str, cursor: int) -> tuple[list[str], int, int]:
@@ -375,5 +400,5 @@ class _Bundle:
     def __repr__(self) -> str:
         return str(self.data["text/plain"])
 
-    def _repr_mimebundle_(self) -> dict[str, Any]:
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         return self.data

@@ -67,8 +67,14 @@ class Trace:
             self._file = None
 
 
+# The records as data, in a MIME type only programs read: frontends show the table beside it, and
+# no JSON tree (JupyterLab would render application/json, ranking it above text/html).
+MIME_TYPE = "application/vnd.kernel-demo.dispatch+json"
+
+
 def bundle(records: list[Record]) -> dict[str, Any]:
-    """The records as a table: ``text/plain`` and ``text/html``."""
+    """One output for the records: a table (``text/plain``, ``text/html``) and the records as data
+    (:data:`MIME_TYPE`, the list of records with their field names)."""
     rows = [_row(r) for r in records]
     header = ("channel", "msg_type", "handler", "received", "wait ms", "run ms", "sent / rejected")
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
@@ -80,12 +86,7 @@ def bundle(records: list[Record]) -> dict[str, Any]:
     table = (
         "<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + f"</tr></thead><tbody>{cells}</tbody></table>"
     )
-    return {"text/plain": "\n".join(lines), "text/html": table}
-
-
-def as_json(records: list[Record]) -> dict[str, Any]:
-    """The records as data: ``application/json``, the list of records with their field names."""
-    return {"text/plain": f"{len(records)} dispatch records", "application/json": [r.as_dict() for r in records]}
+    return {"text/plain": "\n".join(lines), "text/html": table, MIME_TYPE: [r.as_dict() for r in records]}
 
 
 def _row(r: Record) -> tuple[str, ...]:

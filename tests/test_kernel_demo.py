@@ -16,6 +16,7 @@ import zmq
 from jupyter_client.session import Session
 
 from concur_magics.frontend import Kernel, running_kernel
+from kernel_demo.trace import MIME_TYPE
 from tests.conftest import run
 
 
@@ -68,7 +69,7 @@ def control(kernel: Kernel, msg_type: str, content: dict[str, Any] | None = None
 def dispatch_records(kernel: Kernel, n: int = 50) -> list[dict[str, Any]]:
     cell = run(kernel, f"%dispatch {n}")
     assert cell.status == "ok", cell.text
-    return list(cell.results[-1]["application/json"])
+    return list(cell.results[-1][MIME_TYPE])
 
 
 def test_control_is_answered_while_a_cell_sleeps(demo: Kernel) -> None:
