@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
 from jupyter_client.kernelspec import KernelSpecManager
+
+from . import logo
 
 NAME = "kernel_demo"
 
@@ -26,6 +29,8 @@ def install(user: bool = False, prefix: str | None = None) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "kernel.json"), "w") as f:
             json.dump(spec, f, indent=1)
+        for name in logo.FILES:  # the launcher's card shows the logo
+            shutil.copy(os.path.join(logo.RESOURCES, name), tmp)
         return KernelSpecManager().install_kernel_spec(tmp, NAME, user=user, prefix=prefix)
 
 
@@ -45,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernel_demo", description="run the kernel")
     parser.add_argument("-f", dest="connection_file", required=True, help="the connection file")
     parser.add_argument("--trace-file", help="also append every dispatch record to this file, as JSON lines")
+    # `jupyter run --kernel kernel_demo a.py` passes its file names to the kernel too, then sends each
+    # file's code as an execute_request; the kernel runs code only from requests, so it ignores them.
+    parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     options = parser.parse_args(args)
     from .kernel import main as run
 
