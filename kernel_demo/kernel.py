@@ -44,6 +44,7 @@ PROTOCOL_VERSION = "5.5"
 SHELL_TYPES = (
     "execute_request", "inspect_request", "complete_request", "history_request",
     "is_complete_request", "comm_info_request", "kernel_info_request", "shutdown_request",
+    "comm_open", "comm_msg", "comm_close",
 )
 CONTROL_TYPES = ("shutdown_request", "interrupt_request", "kernel_info_request")
 
