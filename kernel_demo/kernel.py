@@ -106,10 +106,16 @@ class Kernel:
         self.loop = IOLoop.current()
         url = f"{connection['transport']}://{connection['ip']}"
         sep = "-" if connection["transport"] == "ipc" else ":"
+        # CurveZMQ: when the launcher put a key pair in the connection file, every socket is a Curve
+        # server. Traffic is encrypted, and a client without the server's public key can't connect.
+        curve_secretkey = connection.get("curve_secretkey")
 
         def bind(kind: int, port_name: str) -> zmq.Socket[bytes]:
             sock: zmq.Socket[bytes] = self.context.socket(kind)
             sock.linger = 1000
+            if curve_secretkey:
+                sock.curve_server = True
+                sock.curve_secretkey = curve_secretkey.encode()
             sock.bind(f"{url}{sep}{connection[port_name]}")
             return sock
 

@@ -1,16 +1,20 @@
-"""The demo kernel and its frontend: it answers comms as the messaging spec says."""
+"""The demo kernel and its frontend: it answers comms as the messaging spec says, and encrypts
+every socket when the launcher provisions CurveZMQ keys."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.session import Session
 
 from concur_magics.frontend import Kernel
 
@@ -38,6 +42,12 @@ def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def demo(kernel_demo_spec: str, trace_file: Path) -> Iterator[Kernel]:
     with started(kernel_demo_spec, extra_arguments=["--trace-file", str(trace_file)]) as kernel:
+        yield kernel
+
+
+@pytest.fixture(scope="module")
+def encrypted(kernel_demo_spec: str) -> Iterator[Kernel]:
+    with started(kernel_demo_spec, transport_encryption="required") as kernel:
         yield kernel
 
 
@@ -92,3 +102,86 @@ def test_messages_for_an_unknown_comm_are_ignored(demo: Kernel, trace_file: Path
 def test_comm_info_lists_no_comms(demo: Kernel) -> None:
     _send(demo, "comm_open", {"comm_id": "c-2", "target_name": "nobody.here", "data": {}})
     assert demo.request("comm_info_request")["content"] == {"status": "ok", "comms": {}}
+
+
+# ------------------------------------------------------------------ transport encryption
+
+
+def _raw(kernel: Kernel, kind: int, port: str, server_key: bytes | None = None) -> zmq.Socket[bytes]:
+    """A socket on one of the kernel's ports: plain, or a Curve client expecting ``server_key``."""
+    info = kernel.manager.get_connection_info()
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(kind)
+    sock.linger = 0
+    if server_key is not None:
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        sock.curve_serverkey = server_key
+    sock.connect(f"tcp://{info['ip']}:{info[port]}")
+    return sock
+
+
+def _answers(sock: zmq.Socket[bytes], frames: list[bytes], wait_ms: int = 1000) -> bool:
+    sock.send_multipart(frames)
+    return bool(sock.poll(wait_ms))
+
+
+def _kernel_info_frames(kernel: Kernel) -> list[bytes]:
+    # Signed with the right key: what is missing is only the Curve key.
+    session = Session(key=kernel.manager.session.key)
+    return list(session.serialize(session.msg("kernel_info_request", {})))
+
+
+def test_without_keys_the_kernel_is_not_encrypted(demo: Kernel) -> None:
+    assert "curve_publickey" not in demo.manager.get_connection_info()
+    sock = _raw(demo, zmq.DEALER, "shell_port")
+    try:
+        assert _answers(sock, _kernel_info_frames(demo), 5000), "a plain client got no reply"
+    finally:
+        sock.close()
+
+
+def test_an_encrypted_kernel_serves_its_client(encrypted: Kernel) -> None:
+    info = encrypted.manager.get_connection_info()
+    assert info["curve_publickey"] and info["curve_secretkey"]
+    cell = encrypted.execute("print('over curve'); 6 * 7", timeout=10)
+    assert cell.stdout == "over curve\n" and cell.results[-1]["text/plain"] == "42"
+    # Heartbeat: a Curve client with the server key gets its ping back (as jupyter_client's does).
+    hb = _raw(encrypted, zmq.REQ, "hb_port", server_key=info["curve_publickey"].encode())
+    try:
+        assert _answers(hb, [b"ping"], 5000) and hb.recv() == b"ping"
+    finally:
+        hb.close()
+    assert encrypted.client.hb_channel.is_beating()
+    # Interrupt over the (encrypted) control channel.
+    cell = encrypted.execute("while True: pass", wait=False)
+    time.sleep(0.3)
+    assert encrypted.request("interrupt_request", channel="control", timeout=5)["content"]["status"] == "ok"
+    encrypted.wait(cell, timeout=10)
+    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt"
+
+
+def test_a_client_without_the_server_key_gets_nothing(encrypted: Kernel) -> None:
+    wrong_key = zmq.curve_keypair()[0]
+    sockets = {
+        "plain shell": (_raw(encrypted, zmq.DEALER, "shell_port"), _kernel_info_frames(encrypted)),
+        "plain control": (_raw(encrypted, zmq.DEALER, "control_port"), _kernel_info_frames(encrypted)),
+        "shell, wrong server key": (_raw(encrypted, zmq.DEALER, "shell_port", server_key=wrong_key),
+                                    _kernel_info_frames(encrypted)),
+        "plain heartbeat": (_raw(encrypted, zmq.REQ, "hb_port"), [b"ping"]),
+    }
+    iopub = _raw(encrypted, zmq.SUB, "iopub_port")
+    iopub.subscribe(b"")
+    try:
+        for sock, frames in sockets.values():
+            sock.send_multipart(frames)
+        # Meanwhile the right client runs a cell, whose output a plain subscriber must not see.
+        cell = encrypted.execute("print('secret')", timeout=10)
+        assert cell.stdout == "secret\n"
+        time.sleep(0.5)  # generous for an answer on localhost, which took about a millisecond
+        answered = [name for name, (sock, _) in sockets.items() if sock.poll(0)]
+        assert not answered, f"answered without the server key: {answered}"
+        assert not iopub.poll(0), "a plain subscriber received IOPub messages"
+    finally:
+        iopub.close()
+        for sock, _ in sockets.values():
+            sock.close()
+    assert encrypted.execute("'still serving'", timeout=10).results[-1]["text/plain"] == "'still serving'"
