@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -36,6 +37,7 @@ from zmq.eventloop.zmqstream import ZMQStream
 
 from . import handlers
 from .execution import Executor
+from .parent import ParentWatch
 from .trace import Record, Trace
 
 PROTOCOL_VERSION = "5.5"
@@ -134,6 +136,7 @@ class Kernel:
         self.shell_stream.on_recv(self._on_shell, copy=False)
         self.hb_thread = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         self.hb_thread.start()
+        self.parent_watch = ParentWatch(self._on_parent_gone)
 
         self.handlers = handlers.table(SHELL_TYPES, CONTROL_TYPES)
         self.execution: asyncio.Task[Any] | None = None  # the running execute request
@@ -262,7 +265,19 @@ class Kernel:
         except zmq.ContextTerminated:
             pass
 
+    def _on_parent_gone(self, reason: str) -> None:
+        """The launcher died without a shutdown_request: shut down as if it had sent one."""
+        # To the terminal or log the kernel was started with: sys.stderr goes to cells.
+        print(f"kernel_demo: {reason}; shutting down", file=sys.__stderr__, flush=True)
+        if self.execution is not None:
+            self.interrupt()  # a running cell would keep the main loop from stopping
+        self.stop()
+        # A cell that ignores the interrupt must not keep an orphan alive. We are on the control
+        # loop, which runs while the main thread is stuck; a shutdown that gets through stops it first.
+        IOLoop.current().call_later(5, os._exit, 1)
+
     def start(self) -> None:
+        self.control_thread.call(self.parent_watch.start)  # exit with the launcher, from now on
         self.loop.start()
 
     def stop(self) -> None:
@@ -274,6 +289,7 @@ class Kernel:
         self.loop.add_callback(on_main)
 
     def close(self) -> None:
+        self.control_thread.call(self.parent_watch.close)
         self.control_thread.stop()
         self.iopub_thread.stop()
         self.trace.close()

@@ -1,22 +1,116 @@
-"""The demo kernel and its frontend: it answers comms as the messaging spec says, and encrypts
-every socket when the launcher provisions CurveZMQ keys."""
+"""The demo kernel and its frontend: it exits when its launcher dies, answers comms as the
+messaging spec says, and encrypts every socket when the launcher provisions CurveZMQ keys."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import zmq
-from jupyter_client import KernelManager
+from jupyter_client import BlockingKernelClient, KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.session import Session
 
 from concur_magics.frontend import Kernel
+
+# ------------------------------------------------------------------ dies with its frontend
+
+# Each launcher starts a kernel and then sleeps until it is killed. argv[1] is a scratch directory.
+LAUNCHERS = {
+    # A real Jupyter application: it starts the kernel with KernelManager, as jupyter console does,
+    # so the kernel's parent is the launcher and JPY_PARENT_PID names it.
+    "jupyter kernel": [os.path.join(os.path.dirname(sys.executable), "jupyter-kernel"), "--kernel=kernel_demo"],
+    # A plain Popen with a connection file and no JPY_PARENT_PID: the parent pid alone tells.
+    "Popen": [sys.executable, "-c", """
+import os, subprocess, sys, time
+from jupyter_client.connect import write_connection_file
+path, _ = write_connection_file(os.path.join(sys.argv[1], "k.json"), ip="127.0.0.1", key=b"k")
+env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+subprocess.Popen([sys.executable, "-m", "kernel_demo", "-f", path], env=env)
+time.sleep(600)
+"""],
+    # A wrapper between launcher and kernel (as `sh -c`, `conda run`): the wrapper lives on, so only
+    # JPY_PARENT_PID tells. `; true` keeps sh from exec'ing the kernel.
+    "behind sh": [sys.executable, "-c", """
+import os, subprocess, sys, time
+from jupyter_client.connect import write_connection_file
+path, _ = write_connection_file(os.path.join(sys.argv[1], "k.json"), ip="127.0.0.1", key=b"k")
+env = dict(os.environ, JPY_PARENT_PID=str(os.getpid()))
+subprocess.Popen(["sh", "-c", f"{sys.executable} -m kernel_demo -f {path}; true"], env=env)
+time.sleep(600)
+"""],
+}
+
+
+def _kernel_under(launcher: subprocess.Popen[bytes], timeout: float = 30) -> psutil.Process:
+    """The kernel_demo process somewhere below ``launcher``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, "the launcher exited"
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "kernel_demo" in child.cmdline() and "-f" in child.cmdline():
+                    return child
+        time.sleep(0.05)
+    raise TimeoutError(f"no kernel under the launcher within {timeout} s")
+
+
+def _gone(process: psutil.Process) -> bool:
+    # An orphan that exited is reaped by whoever adopted it; until then it is a zombie.
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("how", list(LAUNCHERS))
+def test_the_kernel_exits_when_its_launcher_is_killed(how: str, tmp_path: Path) -> None:
+    stderr = tmp_path / "stderr.txt"
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
+    with stderr.open("w") as err:
+        launcher = subprocess.Popen([*LAUNCHERS[how], str(tmp_path)], env=env, stdout=subprocess.DEVNULL, stderr=err)
+    kernel = None
+    try:
+        kernel = _kernel_under(launcher)
+        client = BlockingKernelClient()
+        client.load_connection_file(kernel.cmdline()[kernel.cmdline().index("-f") + 1])
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=30)
+            client.execute("while True: pass")  # the kernel must notice even while a cell computes
+            time.sleep(0.5)
+            # While its launcher lives, the kernel serves (on control: shell is busy with the cell).
+            client.control_channel.send(client.session.msg("kernel_info_request"))
+            assert client.get_control_msg(timeout=5)["content"]["status"] == "ok"
+            launcher.kill()
+            launcher.wait(timeout=10)
+            killed = time.monotonic()
+            while not _gone(kernel) and time.monotonic() - killed < 10:
+                time.sleep(0.01)
+            exited_after = time.monotonic() - killed
+        finally:
+            client.stop_channels()
+        # Well under the 5 s after which the kernel would end itself with os._exit: it shut down
+        # cleanly (stopping the running cell). Pidfds take milliseconds; polling up to 1 s.
+        assert exited_after < 4, f"the kernel still ran {exited_after:.1f} s after its launcher was killed"
+        log = stderr.read_text()
+        assert "exited; shutting down" in log and "Traceback" not in log, log
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=10)
+        if kernel is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                kernel.kill()
+
 
 # ------------------------------------------------------------------ kernels started here
 
