@@ -206,6 +206,7 @@ class CellOutput:
     def __init__(self, shell: Any, log: OutputLog | None = None) -> None:
         self.shell = shell
         self.log = log
+        self.line_shown = False  # the job's status line is in the home cell (updates go to it)
         self.rehome()
 
     def rehome(self) -> None:
@@ -268,8 +269,14 @@ class CellOutput:
         self.run(write_stream, name, text, flush)
 
     def start_job(self, job: Job) -> None:
-        """Show a job's status line (a display that :meth:`report` updates in place)."""
+        """Show a job's status line anew (a display that :meth:`refresh_line` updates in place)."""
         self.show(job, job.display_id)
+        self.line_shown = True
+
+    def refresh_line(self, job: Job) -> None:
+        """Update the job's status line in place, or show it if the cell has none yet."""
+        self.show(job, job.display_id, update=self.line_shown)
+        self.line_shown = True
 
     def report(self, job: Job, status: str, value: Any = None, error: BaseException | None = None) -> None:
         """Show how a job ended: its traceback or its value, then its refreshed status line.
@@ -280,7 +287,7 @@ class CellOutput:
             self.show_error(error)
         elif status == "done":
             self.show_value(value)
-        self.show(job, job.display_id, update=job._began)
+        self.refresh_line(job)
 
     def show(self, obj: Any, display_id: str, *, update: bool = False) -> None:
         """Display ``obj`` under ``display_id`` (or refresh every output showing it); not logged."""
