@@ -163,7 +163,6 @@ class Kernel:
         self.handlers = handlers.table(SHELL_TYPES, CONTROL_TYPES)
         self.execution: asyncio.Task[Any] | None = None  # the running execute request
         self.queued: list[tuple[list[bytes], dict[str, Any], Record]] = []
-        self.aborting = False
         signal.signal(signal.SIGINT, self._on_sigint)
 
     # -------------------------------------------------------------- 1. arrival
@@ -186,14 +185,10 @@ class Kernel:
             return
         # ---------------------------------------------------------- 3. record
         record = self.trace.add(Record(channel, msg["msg_type"], msg["header"].get("msg_id", ""), None, received))
-        if channel == "shell" and msg["msg_type"] == "execute_request":
-            if self.aborting:
-                self._abort(stream, idents, msg, record)
-                return
-            if self.execution is not None:
-                # One cell at a time: this one waits while the running cell awaits.
-                self.queued.append((idents, msg, record))
-                return
+        if channel == "shell" and msg["msg_type"] == "execute_request" and self.execution is not None:
+            # One cell at a time: this one waits while the running cell awaits.
+            self.queued.append((idents, msg, record))
+            return
         self._handle(channel, stream, idents, msg, record)
 
     def _handle(self, channel: str, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:
@@ -206,7 +201,7 @@ class Kernel:
         result = handler(self, stream, idents, msg, record)
         if asyncio.iscoroutine(result):
             self.execution = asyncio.ensure_future(result)
-            self.execution.add_done_callback(lambda _: self._finished(msg, record))
+            self.execution.add_done_callback(lambda _: self._cell_finished(msg, record))
         else:
             self._finished(msg, record)
 
@@ -216,11 +211,13 @@ class Kernel:
         self.publish("status", {"execution_state": "idle"}, msg, record=record)
         record.finished = time.time()
         self.trace.finished(record)
-        if msg["msg_type"] == "execute_request" and self.execution is not None:
-            self.execution = None
-            if self.queued:
-                idents, queued, queued_record = self.queued.pop(0)
-                self._handle("shell", self.shell_stream, idents, queued, queued_record)
+
+    def _cell_finished(self, msg: dict[str, Any], record: Record) -> None:
+        self._finished(msg, record)
+        self.execution = None
+        if self.queued:  # the next cell's turn
+            idents, queued, queued_record = self.queued.pop(0)
+            self._handle("shell", self.shell_stream, idents, queued, queued_record)
 
     # -------------------------------------------------------------- sending
     def reply(self, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], content: dict[str, Any], record: Record) -> None:
@@ -279,26 +276,29 @@ class Kernel:
                 with self.session_lock:
                     self.session.send(self.iopub_socket, "iopub_welcome", {"subscription": topic}, parent=None)
 
-    def _abort(self, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:
+    def reply_stopping(self, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], content: dict[str, Any], record: Record) -> None:
+        """Reply to a cell that failed with ``stop_on_error``, and abort what was sent before it.
+
+        The spec aborts the execute requests already waiting when the error happened: those
+        queued behind the cell and those already in the shell socket. We read the socket *before*
+        the reply goes out (they join the queue, as the cell still runs): a request sent after the
+        client saw the error reply cannot be among them, and runs.
+        """
+        self.shell_stream.flush(zmq.POLLIN)
+        self.reply(stream, idents, msg, content, record)
+        waiting, self.queued = self.queued, []
+        for queued_idents, queued, queued_record in waiting:
+            self._abort(queued_idents, queued, queued_record)
+
+    def _abort(self, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:
         record.handler = "abort"
         record.started = time.time()
         self.publish("status", {"execution_state": "busy"}, msg)
-        self.reply(stream, idents, msg, {
+        self.reply(self.shell_stream, idents, msg, {
             "status": "error", "ename": "ExecutionAborted", "execution_count": self.executor.count,
             "evalue": "not run: an earlier cell failed (stop_on_error)", "traceback": [],
         }, record)
         self._finished(msg, record)
-
-    def abort_queued(self) -> None:
-        """After a failed cell with stop_on_error: abort every execute request already waiting."""
-        self.aborting = True
-        try:
-            for idents, msg, record in self.queued:
-                self._abort(self.shell_stream, idents, msg, record)
-            self.queued.clear()
-            self.shell_stream.flush()  # requests still in the socket arrive now, and are aborted
-        finally:
-            self.aborting = False
 
     # -------------------------------------------------------------- interrupt, heartbeat, run
     def _on_sigint(self, signum: int, frame: Any) -> None:

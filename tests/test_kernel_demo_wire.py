@@ -1,4 +1,4 @@
-"""The demo kernel on the wire: no lost output, and message order.
+"""The demo kernel on the wire: no lost output, stop_on_error as the spec says, and message order.
 
 These tests read the sockets with a bare jupyter_client client, the way a script or nbclient does,
 and most read IOPub only once the reply is in: whatever the cell published must be there by then.
@@ -110,3 +110,32 @@ def test_output_from_a_thread_of_the_cell_comes_before_idle(client: BlockingKern
     code = "import threading\nt = threading.Thread(target=print, args=('from a thread',))\nt.start(); t.join()"
     _, messages = read_after_reply(client, code)
     assert kinds(messages) == ["busy", "execute_input", "stream", "idle"]
+
+
+# ------------------------------------------------------------------ stop_on_error
+
+
+def test_a_cell_sent_after_the_error_reply_runs(client: BlockingKernelClient) -> None:
+    # The aborting drain must read only what arrived before the reply went out: 50 tries in a row,
+    # each sending the next cell the moment the error reply is in.
+    for attempt in range(50):
+        failing = client.execute("1/0")
+        assert wait_reply(client, failing)["content"]["status"] == "error"
+        after = client.execute(f"ran = {attempt}")
+        assert wait_reply(client, after)["content"]["status"] == "ok", f"aborted on try {attempt}"
+
+
+@pytest.mark.parametrize("wait", ["time.sleep(0.3)", "await asyncio.sleep(0.3)"])
+def test_requests_waiting_behind_a_failing_cell_are_aborted(client: BlockingKernelClient, wait: str) -> None:
+    # time.sleep blocks the loop, so the next requests wait in the socket; while the cell awaits,
+    # they are read and queued behind it. Either way they were sent before the error: aborted.
+    assert wait_reply(client, client.execute("marks = []"))["content"]["status"] == "ok"
+    failing = client.execute(f"import asyncio, time\n{wait}\n1/0")
+    waiting = [client.execute(f"marks.append({i})") for i in range(3)]
+    first = client.get_shell_msg(timeout=30)
+    assert first["parent_header"]["msg_id"] == failing and first["content"]["ename"] == "ZeroDivisionError"
+    for msg_id in waiting:
+        content = wait_reply(client, msg_id)["content"]
+        assert content["status"] == "error" and content["ename"] == "ExecutionAborted"
+    reply, messages = read_after_reply(client, "marks")
+    assert reply["content"]["status"] == "ok" and messages[-2]["content"]["data"]["text/plain"] == "[]"
