@@ -146,6 +146,8 @@ class Kernel:
 
         # IOPub is used from every thread that publishes, under this lock (no ZMQStream on it).
         self.iopub_lock = threading.RLock()
+        self.iopub_sender: int | None = None  # the thread sending on IOPub right now
+        self.interrupt_deferred = False  # SIGINT came mid-send: publish() raises once the message is out
         self.pid = os.getpid()
         self.iopub_thread = LoopThread("iopub", self.iopub_socket, None)
         self.iopub_thread.start_and_wait()
@@ -251,9 +253,16 @@ class Kernel:
         with self.iopub_lock:
             if self.iopub_socket.closed:
                 return  # the kernel has shut down; a thread of the user's printed late
-            with self.session_lock:
-                self.session.send(self.iopub_socket, msg_type, content, parent=parent, ident=[msg_type.encode()])
-            self._welcome_subscribers()
+            sender, self.iopub_sender = self.iopub_sender, threading.get_ident()
+            try:
+                with self.session_lock:
+                    self.session.send(self.iopub_socket, msg_type, content, parent=parent, ident=[msg_type.encode()])
+                self._welcome_subscribers()
+            finally:
+                self.iopub_sender = sender
+        if self.interrupt_deferred and sender is None and threading.current_thread() is threading.main_thread():
+            self.interrupt_deferred = False
+            raise KeyboardInterrupt
 
     def _watch_subscriptions(self) -> None:
         """On the IOPub thread: greet subscribers as they come, also while the main thread computes."""
@@ -307,6 +316,11 @@ class Kernel:
         if task is None or not self.executor.in_user_code:
             return  # idle, or in our own code: nothing of the user's to stop
         if asyncio.current_task(self.loop.asyncio_loop) is task:  # type: ignore[attr-defined]
+            if self.iopub_sender == threading.get_ident():
+                # The cell prints or displays: stopping it between the frames of a message would
+                # garble that message and the next one (its error) for every client.
+                self.interrupt_deferred = True
+                return
             raise KeyboardInterrupt  # the cell's code is running right now
         task.get_loop().call_soon_threadsafe(task.cancel)  # the cell awaits: cancel its task
 

@@ -139,3 +139,30 @@ def test_requests_waiting_behind_a_failing_cell_are_aborted(client: BlockingKern
         assert content["status"] == "error" and content["ename"] == "ExecutionAborted"
     reply, messages = read_after_reply(client, "marks")
     assert reply["content"]["status"] == "ok" and messages[-2]["content"]["data"]["text/plain"] == "[]"
+
+
+# ------------------------------------------------------------------ interrupts
+
+
+def test_interrupting_a_displaying_cell_garbles_nothing(demo: Kernel, client: BlockingKernelClient) -> None:
+    # The cell spends its time publishing displays. An interrupt that lands mid-send waits until
+    # the message is out: every display arrives, in order, then the cell's error, then idle. (Cut
+    # between its frames, a message garbled the next one within the first few tries.)
+    for _ in range(15):
+        msg_id = client.execute("i = 0\nwhile True:\n    display(i)\n    i += 1")
+        messages: list[dict[str, Any]] = []
+
+        def read_until(kind: str) -> None:
+            while kind not in kinds(messages):
+                msg = client.get_iopub_msg(timeout=10)
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    messages.append(msg)
+
+        read_until("display_data")  # the loop runs: interrupt it, at some point of its work
+        time.sleep(0.05)
+        demo.manager.interrupt_kernel()
+        assert wait_reply(client, msg_id, timeout=10)["content"]["ename"] == "KeyboardInterrupt"
+        read_until("idle")
+        shown = [m["content"]["data"]["text/plain"] for m in messages if m["msg_type"] == "display_data"]
+        assert shown == [str(i) for i in range(len(shown))]
+        assert kinds(messages)[-2:] == ["error", "idle"]
