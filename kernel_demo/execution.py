@@ -204,8 +204,8 @@ class Executor:
             reply: dict[str, Any] = {"status": "ok", "execution_count": self.count, "payload": payload,
                                      "user_expressions": self._user_expressions(user_expressions)}
         except BaseException as exc:  # noqa: BLE001 - the user's error becomes the reply
-            if isinstance(exc, (SystemExit, GeneratorExit)):
-                raise
+            # SystemExit (sys.exit(), exit()) and GeneratorExit too: a cell can't end the kernel,
+            # as in ipykernel; shutdown_request (or the frontend's restart button) does.
             error = self._error(exc)
             if not silent:
                 self.kernel.publish("error", error, msg, record=record)

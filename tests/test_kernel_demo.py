@@ -72,6 +72,21 @@ def dispatch_records(kernel: Kernel, n: int = 50) -> list[dict[str, Any]]:
     return list(cell.results[-1][MIME_TYPE])
 
 
+@pytest.mark.parametrize("code, ename", [
+    ("raise SystemExit", "SystemExit"),
+    ("import sys; sys.exit(3)", "SystemExit"),
+    ("exit()", "SystemExit"),
+    ("raise GeneratorExit", "GeneratorExit"),
+    ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+    ("async def f():\n    raise SystemExit(2)\nawait f()", "SystemExit"),
+])
+def test_exits_from_a_cell_are_its_errors_and_the_kernel_stays(demo: Kernel, code: str, ename: str) -> None:
+    cell = demo.execute(code, timeout=10)
+    assert cell.status == "error" and cell.reply is not None and cell.reply["ename"] == ename, cell.text
+    assert "<cell " in cell.text and "kernel_demo" not in cell.text, cell.text
+    assert demo.execute("6 * 7", timeout=10).results[-1]["text/plain"] == "42"
+
+
 def test_control_is_answered_while_a_cell_sleeps(demo: Kernel) -> None:
     cell = demo.execute("import time\ntime.sleep(3)", wait=False)
     time.sleep(0.3)
