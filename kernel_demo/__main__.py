@@ -24,7 +24,8 @@ def install(user: bool = False, prefix: str | None = None) -> str:
         "display_name": "Python (kernel_demo)",
         "language": "python",
         "interrupt_mode": "signal",
-        "metadata": {"debugger": False},
+        # supported_encryption: jupyter_client may give it CurveZMQ keys (transport_encryption).
+        "metadata": {"debugger": False, "supported_encryption": "curve"},
     }
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "kernel.json"), "w") as f:

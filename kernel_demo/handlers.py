@@ -116,6 +116,23 @@ def interrupt_request(kernel: Kernel, stream: ZMQStream, idents: list[bytes], ms
     kernel.reply(stream, idents, msg, {"status": "ok"}, record)
 
 
+# ------------------------------------------------------------------ comms (the spec's custom messages)
+# This kernel registers no comm targets, so no comm is ever open here.
+
+
+def comm_open(kernel: Kernel, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:
+    """A target we don't have: close the comm at once, so the frontend doesn't think it is open."""
+    kernel.publish("comm_close", {"comm_id": msg["content"].get("comm_id", ""), "data": {}}, msg, record=record)
+
+
+def comm_msg(kernel: Kernel, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:
+    """For a comm we don't know: ignored, as the spec says."""
+
+
+def comm_close(kernel: Kernel, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:
+    """For a comm we don't know: ignored, as the spec says."""
+
+
 # ------------------------------------------------------------------ anything else
 
 

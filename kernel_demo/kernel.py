@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -36,6 +37,7 @@ from zmq.eventloop.zmqstream import ZMQStream
 
 from . import handlers
 from .execution import Executor
+from .parent import ParentWatch
 from .trace import Record, Trace
 
 PROTOCOL_VERSION = "5.5"
@@ -44,6 +46,7 @@ PROTOCOL_VERSION = "5.5"
 SHELL_TYPES = (
     "execute_request", "inspect_request", "complete_request", "history_request",
     "is_complete_request", "comm_info_request", "kernel_info_request", "shutdown_request",
+    "comm_open", "comm_msg", "comm_close",
 )
 CONTROL_TYPES = ("shutdown_request", "interrupt_request", "kernel_info_request")
 
@@ -105,10 +108,16 @@ class Kernel:
         self.loop = IOLoop.current()
         url = f"{connection['transport']}://{connection['ip']}"
         sep = "-" if connection["transport"] == "ipc" else ":"
+        # CurveZMQ: when the launcher put a key pair in the connection file, every socket is a Curve
+        # server. Traffic is encrypted, and a client without the server's public key can't connect.
+        curve_secretkey = connection.get("curve_secretkey")
 
         def bind(kind: int, port_name: str) -> zmq.Socket[bytes]:
             sock: zmq.Socket[bytes] = self.context.socket(kind)
             sock.linger = 1000
+            if curve_secretkey:
+                sock.curve_server = True
+                sock.curve_secretkey = curve_secretkey.encode()
             sock.bind(f"{url}{sep}{connection[port_name]}")
             return sock
 
@@ -127,6 +136,7 @@ class Kernel:
         self.shell_stream.on_recv(self._on_shell, copy=False)
         self.hb_thread = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         self.hb_thread.start()
+        self.parent_watch = ParentWatch(self._on_parent_gone)
 
         self.handlers = handlers.table(SHELL_TYPES, CONTROL_TYPES)
         self.execution: asyncio.Task[Any] | None = None  # the running execute request
@@ -255,7 +265,19 @@ class Kernel:
         except zmq.ContextTerminated:
             pass
 
+    def _on_parent_gone(self, reason: str) -> None:
+        """The launcher died without a shutdown_request: shut down as if it had sent one."""
+        # To the terminal or log the kernel was started with: sys.stderr goes to cells.
+        print(f"kernel_demo: {reason}; shutting down", file=sys.__stderr__, flush=True)
+        if self.execution is not None:
+            self.interrupt()  # a running cell would keep the main loop from stopping
+        self.stop()
+        # A cell that ignores the interrupt must not keep an orphan alive. We are on the control
+        # loop, which runs while the main thread is stuck; a shutdown that gets through stops it first.
+        IOLoop.current().call_later(5, os._exit, 1)
+
     def start(self) -> None:
+        self.control_thread.call(self.parent_watch.start)  # exit with the launcher, from now on
         self.loop.start()
 
     def stop(self) -> None:
@@ -267,6 +289,7 @@ class Kernel:
         self.loop.add_callback(on_main)
 
     def close(self) -> None:
+        self.control_thread.call(self.parent_watch.close)
         self.control_thread.stop()
         self.iopub_thread.stop()
         self.trace.close()

@@ -1,0 +1,281 @@
+"""The demo kernel and its frontend: it exits when its launcher dies, answers comms as the
+messaging spec says, and encrypts every socket when the launcher provisions CurveZMQ keys."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+from jupyter_client import BlockingKernelClient, KernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.session import Session
+
+from concur_magics.frontend import Kernel
+
+# ------------------------------------------------------------------ dies with its frontend
+
+# Each launcher starts a kernel and then sleeps until it is killed. argv[1] is a scratch directory.
+LAUNCHERS = {
+    # A real Jupyter application: it starts the kernel with KernelManager, as jupyter console does,
+    # so the kernel's parent is the launcher and JPY_PARENT_PID names it.
+    "jupyter kernel": [os.path.join(os.path.dirname(sys.executable), "jupyter-kernel"), "--kernel=kernel_demo"],
+    # A plain Popen with a connection file and no JPY_PARENT_PID: the parent pid alone tells.
+    "Popen": [sys.executable, "-c", """
+import os, subprocess, sys, time
+from jupyter_client.connect import write_connection_file
+path, _ = write_connection_file(os.path.join(sys.argv[1], "k.json"), ip="127.0.0.1", key=b"k")
+env = {k: v for k, v in os.environ.items() if k != "JPY_PARENT_PID"}
+subprocess.Popen([sys.executable, "-m", "kernel_demo", "-f", path], env=env)
+time.sleep(600)
+"""],
+    # A wrapper between launcher and kernel (as `sh -c`, `conda run`): the wrapper lives on, so only
+    # JPY_PARENT_PID tells. `; true` keeps sh from exec'ing the kernel.
+    "behind sh": [sys.executable, "-c", """
+import os, subprocess, sys, time
+from jupyter_client.connect import write_connection_file
+path, _ = write_connection_file(os.path.join(sys.argv[1], "k.json"), ip="127.0.0.1", key=b"k")
+env = dict(os.environ, JPY_PARENT_PID=str(os.getpid()))
+subprocess.Popen(["sh", "-c", f"{sys.executable} -m kernel_demo -f {path}; true"], env=env)
+time.sleep(600)
+"""],
+}
+
+
+def _kernel_under(launcher: subprocess.Popen[bytes], timeout: float = 30) -> psutil.Process:
+    """The kernel_demo process somewhere below ``launcher``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, "the launcher exited"
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "kernel_demo" in child.cmdline() and "-f" in child.cmdline():
+                    return child
+        time.sleep(0.05)
+    raise TimeoutError(f"no kernel under the launcher within {timeout} s")
+
+
+def _gone(process: psutil.Process) -> bool:
+    # An orphan that exited is reaped by whoever adopted it; until then it is a zombie.
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("how", list(LAUNCHERS))
+def test_the_kernel_exits_when_its_launcher_is_killed(how: str, tmp_path: Path) -> None:
+    stderr = tmp_path / "stderr.txt"
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
+    with stderr.open("w") as err:
+        launcher = subprocess.Popen([*LAUNCHERS[how], str(tmp_path)], env=env, stdout=subprocess.DEVNULL, stderr=err)
+    kernel = None
+    try:
+        kernel = _kernel_under(launcher)
+        client = BlockingKernelClient()
+        client.load_connection_file(kernel.cmdline()[kernel.cmdline().index("-f") + 1])
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=30)
+            client.execute("while True: pass")  # the kernel must notice even while a cell computes
+            time.sleep(0.5)
+            # While its launcher lives, the kernel serves (on control: shell is busy with the cell).
+            client.control_channel.send(client.session.msg("kernel_info_request"))
+            assert client.get_control_msg(timeout=5)["content"]["status"] == "ok"
+            launcher.kill()
+            launcher.wait(timeout=10)
+            killed = time.monotonic()
+            while not _gone(kernel) and time.monotonic() - killed < 10:
+                time.sleep(0.01)
+            exited_after = time.monotonic() - killed
+        finally:
+            client.stop_channels()
+        # Well under the 5 s after which the kernel would end itself with os._exit: it shut down
+        # cleanly (stopping the running cell). Pidfds take milliseconds; polling up to 1 s.
+        assert exited_after < 4, f"the kernel still ran {exited_after:.1f} s after its launcher was killed"
+        log = stderr.read_text()
+        assert "exited; shutting down" in log and "Traceback" not in log, log
+    finally:
+        launcher.kill()
+        launcher.wait(timeout=10)
+        if kernel is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                kernel.kill()
+
+
+# ------------------------------------------------------------------ kernels started here
+
+
+@contextlib.contextmanager
+def started(spec_dir: str, *, extra_arguments: list[str] | None = None, **options: Any) -> Iterator[Kernel]:
+    """Start the demo kernel from its kernelspec with these start_kernel options; shut it down after."""
+    manager = KernelManager(kernel_name="kernel_demo", kernel_spec_manager=KernelSpecManager(kernel_dirs=[spec_dir]))
+    manager.start_kernel(extra_arguments=extra_arguments or [], **options)
+    kernel = Kernel(manager)
+    try:
+        kernel.wait_ready(30)
+        yield kernel
+    finally:
+        kernel.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trace") / "trace.jsonl"
+
+
+@pytest.fixture(scope="module")
+def demo(kernel_demo_spec: str, trace_file: Path) -> Iterator[Kernel]:
+    with started(kernel_demo_spec, extra_arguments=["--trace-file", str(trace_file)]) as kernel:
+        yield kernel
+
+
+@pytest.fixture(scope="module")
+def encrypted(kernel_demo_spec: str) -> Iterator[Kernel]:
+    with started(kernel_demo_spec, transport_encryption="required") as kernel:
+        yield kernel
+
+
+def _send(kernel: Kernel, msg_type: str, content: dict[str, Any]) -> str:
+    msg = kernel.client.session.msg(msg_type, content)
+    kernel.client.shell_channel.send(msg)
+    return str(msg["header"]["msg_id"])
+
+
+def _iopub_for(kernel: Kernel, msg_id: str, timeout: float = 5) -> list[dict[str, Any]]:
+    """The IOPub messages whose parent is ``msg_id``, up to its idle status."""
+    def mine() -> list[dict[str, Any]]:
+        return [m for m in kernel.messages if m["parent_header"].get("msg_id") == msg_id]
+
+    kernel.wait_until(lambda: any(m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"
+                                  for m in mine()), timeout, "idle")
+    return mine()
+
+
+def _records(trace_file: Path, msg_id: str) -> dict[str, Any]:
+    for line in trace_file.read_text().splitlines():
+        record = json.loads(line)
+        if record["msg_id"] == msg_id:
+            return dict(record)
+    raise AssertionError(f"no dispatch record for {msg_id}")
+
+
+# ------------------------------------------------------------------ comms, as the spec says
+
+
+def test_comm_open_for_a_missing_target_is_closed_at_once(demo: Kernel, trace_file: Path) -> None:
+    msg_id = _send(demo, "comm_open", {"comm_id": "c-1", "target_name": "nobody.here", "data": {}})
+    messages = _iopub_for(demo, msg_id)
+    assert [m["msg_type"] for m in messages] == ["status", "comm_close", "status"]
+    assert messages[1]["content"] == {"comm_id": "c-1", "data": {}}
+    record = _records(trace_file, msg_id)
+    assert record["handler"] == "comm_open" and record["rejected"] is None
+    assert record["sent"] == ["status", "comm_close", "status"]
+
+
+@pytest.mark.parametrize("msg_type", ["comm_msg", "comm_close"])
+def test_messages_for_an_unknown_comm_are_ignored(demo: Kernel, trace_file: Path, msg_type: str) -> None:
+    msg_id = _send(demo, msg_type, {"comm_id": "never-opened", "data": {"x": 1}})
+    assert [m["msg_type"] for m in _iopub_for(demo, msg_id)] == ["status", "status"]
+    demo.pump(0.2)
+    assert msg_id not in demo.replies  # not a request: no reply
+    record = _records(trace_file, msg_id)
+    assert record["handler"] == msg_type and record["rejected"] is None
+    assert record["sent"] == ["status", "status"]
+
+
+def test_comm_info_lists_no_comms(demo: Kernel) -> None:
+    _send(demo, "comm_open", {"comm_id": "c-2", "target_name": "nobody.here", "data": {}})
+    assert demo.request("comm_info_request")["content"] == {"status": "ok", "comms": {}}
+
+
+# ------------------------------------------------------------------ transport encryption
+
+
+def _raw(kernel: Kernel, kind: int, port: str, server_key: bytes | None = None) -> zmq.Socket[bytes]:
+    """A socket on one of the kernel's ports: plain, or a Curve client expecting ``server_key``."""
+    info = kernel.manager.get_connection_info()
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(kind)
+    sock.linger = 0
+    if server_key is not None:
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        sock.curve_serverkey = server_key
+    sock.connect(f"tcp://{info['ip']}:{info[port]}")
+    return sock
+
+
+def _answers(sock: zmq.Socket[bytes], frames: list[bytes], wait_ms: int = 1000) -> bool:
+    sock.send_multipart(frames)
+    return bool(sock.poll(wait_ms))
+
+
+def _kernel_info_frames(kernel: Kernel) -> list[bytes]:
+    # Signed with the right key: what is missing is only the Curve key.
+    session = Session(key=kernel.manager.session.key)
+    return list(session.serialize(session.msg("kernel_info_request", {})))
+
+
+def test_without_keys_the_kernel_is_not_encrypted(demo: Kernel) -> None:
+    assert "curve_publickey" not in demo.manager.get_connection_info()
+    sock = _raw(demo, zmq.DEALER, "shell_port")
+    try:
+        assert _answers(sock, _kernel_info_frames(demo), 5000), "a plain client got no reply"
+    finally:
+        sock.close()
+
+
+def test_an_encrypted_kernel_serves_its_client(encrypted: Kernel) -> None:
+    info = encrypted.manager.get_connection_info()
+    assert info["curve_publickey"] and info["curve_secretkey"]
+    cell = encrypted.execute("print('over curve'); 6 * 7", timeout=10)
+    assert cell.stdout == "over curve\n" and cell.results[-1]["text/plain"] == "42"
+    # Heartbeat: a Curve client with the server key gets its ping back (as jupyter_client's does).
+    hb = _raw(encrypted, zmq.REQ, "hb_port", server_key=info["curve_publickey"].encode())
+    try:
+        assert _answers(hb, [b"ping"], 5000) and hb.recv() == b"ping"
+    finally:
+        hb.close()
+    assert encrypted.client.hb_channel.is_beating()
+    # Interrupt over the (encrypted) control channel.
+    cell = encrypted.execute("while True: pass", wait=False)
+    time.sleep(0.3)
+    assert encrypted.request("interrupt_request", channel="control", timeout=5)["content"]["status"] == "ok"
+    encrypted.wait(cell, timeout=10)
+    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt"
+
+
+def test_a_client_without_the_server_key_gets_nothing(encrypted: Kernel) -> None:
+    wrong_key = zmq.curve_keypair()[0]
+    sockets = {
+        "plain shell": (_raw(encrypted, zmq.DEALER, "shell_port"), _kernel_info_frames(encrypted)),
+        "plain control": (_raw(encrypted, zmq.DEALER, "control_port"), _kernel_info_frames(encrypted)),
+        "shell, wrong server key": (_raw(encrypted, zmq.DEALER, "shell_port", server_key=wrong_key),
+                                    _kernel_info_frames(encrypted)),
+        "plain heartbeat": (_raw(encrypted, zmq.REQ, "hb_port"), [b"ping"]),
+    }
+    iopub = _raw(encrypted, zmq.SUB, "iopub_port")
+    iopub.subscribe(b"")
+    try:
+        for sock, frames in sockets.values():
+            sock.send_multipart(frames)
+        # Meanwhile the right client runs a cell, whose output a plain subscriber must not see.
+        cell = encrypted.execute("print('secret')", timeout=10)
+        assert cell.stdout == "secret\n"
+        time.sleep(0.5)  # generous for an answer on localhost, which took about a millisecond
+        answered = [name for name, (sock, _) in sockets.items() if sock.poll(0)]
+        assert not answered, f"answered without the server key: {answered}"
+        assert not iopub.poll(0), "a plain subscriber received IOPub messages"
+    finally:
+        iopub.close()
+        for sock, _ in sockets.values():
+            sock.close()
+    assert encrypted.execute("'still serving'", timeout=10).results[-1]["text/plain"] == "'still serving'"
