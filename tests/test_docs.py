@@ -10,7 +10,9 @@ the lines where the code is now.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -20,17 +22,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "how-a-kernel-works.md"
-PAGES = [GUIDE, ROOT / "README.md", ROOT / "docs" / "architecture.md"]
+PAGES = [GUIDE, ROOT / "README.md", ROOT / "docs" / "architecture.md", ROOT / "examples" / "README.md",
+         *sorted((ROOT / "examples").glob("*.ipynb"))]
 
 LINK = re.compile(r"(?<!!)\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)\)")
 LINE_LINK = re.compile(r"^(?P<path>[^#]+)#L(?P<first>\d+)(?:-L(?P<last>\d+))?$")
+
+
+def markdown(page: Path) -> str:
+    """The Markdown of a page: the file, or a notebook's Markdown cells."""
+    if page.suffix != ".ipynb":
+        return page.read_text()
+    cells = json.loads(page.read_text())["cells"]
+    return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
 
 
 def links(page: Path) -> list[tuple[int, str, str]]:
     """(line number, text, target) of every Markdown link on ``page``, outside code blocks."""
     found = []
     fenced = False
-    for number, line in enumerate(page.read_text().splitlines(), 1):
+    for number, line in enumerate(markdown(page).splitlines(), 1):
         if line.lstrip().startswith("```"):
             fenced = not fenced
         elif not fenced:
@@ -45,8 +56,9 @@ def slug(heading: str) -> str:
     return "".join(kept).replace(" ", "-")
 
 
+@functools.lru_cache(maxsize=None)
 def anchors(page: Path) -> set[str]:
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    text = re.sub(r"```.*?```", "", markdown(page), flags=re.S)
     return {slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)}
 
 
