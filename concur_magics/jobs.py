@@ -334,7 +334,7 @@ class Job:
             if self.limit is not None:
                 self._timers.append(timer(self.limit, self._deadline))
         if self._out is not None:
-            self._out.start_job(self)
+            self._out.refresh_line(self)
         if self._on_begin is not None:
             self._on_begin(self)
         return True

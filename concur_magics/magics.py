@@ -10,7 +10,8 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.utils.process import arg_split
 from traitlets import Enum, Float, Instance, TraitError, Unicode, default, observe, validate
 
 from . import cluster, compat, runners, schedule, shipping, tracebacks
@@ -28,9 +29,10 @@ def parse_args(magic: Callable[..., Any], line: str) -> argparse.Namespace:
     """Parse a magic's argument line, or raise UsageError with the message and the usage line.
 
     IPython's parser reports only the message; users also need to see what the magic expects.
+    Options may come anywhere, between positional arguments too (``%jobs wait --show fit``).
     """
     try:
-        return parse_argstring(magic, line)
+        return magic.parser.parse_intermixed_args(arg_split(line, strict=True))  # type: ignore[attr-defined]
     except ValueError as exc:  # shlex: an unclosed quote
         raise UsageError(f"{exc} in {line!r}\n{_usage(magic)}") from None
     except UsageError as exc:

@@ -107,9 +107,24 @@ class OutputLog:
                 self._entries.append(["stream", name, text])
             self._grow(len(text))
 
-    def add_display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None, kind: str = "display") -> None:
-        """Record a display (``kind="value"`` for the job's value)."""
-        self._add([kind, dict(data), dict(metadata or {})])
+    def add_display(self, data: dict[str, Any], metadata: dict[str, Any] | None = None, kind: str = "display",
+                    *, display_id: str | None = None, update: bool = False) -> None:
+        """Record a display (``kind="value"`` for the job's value).
+
+        ``update=True`` replaces what the displays shown under ``display_id`` hold, as the frontend
+        does, so the log shows their last version; an update of a display the job never showed is
+        not the job's output.
+        """
+        entry = [kind, dict(data), dict(metadata or {}), display_id]
+        if not update:
+            self._add(entry)
+            return
+        with self._lock:
+            for old in self._entries:
+                if old[0] == "display" and display_id is not None and old[3] == display_id:
+                    self._size += _entry_size(entry) - _entry_size(old)
+                    old[1], old[2] = entry[1], entry[2]
+            self._grow(0)
 
     def add_error(self, ename: str, evalue: str, traceback: list[str]) -> None:
         self._add(["error", ename, evalue, list(traceback)])
@@ -136,7 +151,7 @@ class OutputLog:
 
     def entries(self) -> list[list[Any]]:
         """A snapshot of the entries: ``["stream", name, text]``, ``["display" | "value", data,
-        metadata]``, ``["error", ename, evalue, traceback_lines]``."""
+        metadata, display_id]``, ``["error", ename, evalue, traceback_lines]``."""
         with self._lock:
             return [list(entry) for entry in self._entries]
 
@@ -206,6 +221,7 @@ class CellOutput:
     def __init__(self, shell: Any, log: OutputLog | None = None) -> None:
         self.shell = shell
         self.log = log
+        self.line_shown = False  # the job's status line is in the home cell (updates go to it)
         self.rehome()
 
     def rehome(self) -> None:
@@ -268,8 +284,14 @@ class CellOutput:
         self.run(write_stream, name, text, flush)
 
     def start_job(self, job: Job) -> None:
-        """Show a job's status line (a display that :meth:`report` updates in place)."""
+        """Show a job's status line anew (a display that :meth:`refresh_line` updates in place)."""
         self.show(job, job.display_id)
+        self.line_shown = True
+
+    def refresh_line(self, job: Job) -> None:
+        """Update the job's status line in place, or show it if the cell has none yet."""
+        self.show(job, job.display_id, update=self.line_shown)
+        self.line_shown = True
 
     def report(self, job: Job, status: str, value: Any = None, error: BaseException | None = None) -> None:
         """Show how a job ended: its traceback or its value, then its refreshed status line.
@@ -280,7 +302,7 @@ class CellOutput:
             self.show_error(error)
         elif status == "done":
             self.show_value(value)
-        self.show(job, job.display_id, update=job._began)
+        self.refresh_line(job)
 
     def show(self, obj: Any, display_id: str, *, update: bool = False) -> None:
         """Display ``obj`` under ``display_id`` (or refresh every output showing it); not logged."""

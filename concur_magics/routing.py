@@ -157,10 +157,12 @@ class Routing:
             job = current_job.get()
             if job is None or job._out is None:
                 return original(*args, **kwargs)
-            if kind == "publish" and not kwargs.get("update"):
+            if kind == "publish":
                 flush_streams()  # what the job printed before this display is logged before it
                 data = kwargs.get("data", args[0] if args else {})
-                job.log.add_display(data, kwargs.get("metadata", args[1] if len(args) > 1 else None))
+                display_id = (kwargs.get("transient") or {}).get("display_id")
+                job.log.add_display(data, kwargs.get("metadata", args[1] if len(args) > 1 else None),
+                                    display_id=display_id, update=bool(kwargs.get("update")))
             result = job._out.run(original, *args, **kwargs)
             if kind == "clear_output":
                 job._out.start_job(job)  # the job's own status line stays in its cell

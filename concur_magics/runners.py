@@ -105,6 +105,9 @@ def background(
         mode = mode or ("loop" if is_async else "thread")
         out = CellOutput(shell if show else None)
         job = runtime.jobs.add(Job(source, mode, name, out=out, limit=timeout, cell=cell, run=run))
+        # The status line is in the cell before the cell replies, even when the job starts later
+        # (a busy machine): a headless run (nbclient) keeps only what a cell shows before then.
+        out.start_job(job)
         if mode == "thread":
             _start_thread(runtime, job, call, is_async, out)
         else:

@@ -59,16 +59,23 @@ def mime_bundle(obj: Any) -> dict[str, Any]:
 
 
 class OutStream(io.TextIOBase):
-    """sys.stdout / sys.stderr: text goes out as ``stream`` messages while the cell runs.
+    """sys.stdout / sys.stderr: text goes out in batches, as ``stream`` messages, while the cell runs.
 
-    A line is sent when it ends; a partial line is sent 50 ms later by a timer on the IOPub
-    thread, which keeps running while the main thread computes. Thread-safe.
+    A write only buffers, as in ipykernel. The buffer is sent 50 ms after its first write (by a
+    timer on the IOPub thread, which keeps running while the main thread computes), as soon as it
+    holds 64 KiB, and before anything else is published or replied (the kernel flushes it first),
+    so output keeps its order and a loop of prints costs a few messages, not one per line.
+    Thread-safe.
     """
+
+    FLUSH_AFTER = 0.05  # seconds: output stays live
+    FLUSH_AT = 64 * 1024  # characters: a fast printer sends big messages, and few
 
     def __init__(self, executor: Executor, name: str) -> None:
         self.executor = executor
         self._name = name
         self._buffer: list[str] = []
+        self._size = 0
         self._lock = threading.Lock()
         self._scheduled = False
 
@@ -80,21 +87,25 @@ class OutStream(io.TextIOBase):
             return len(text)
         with self._lock:
             self._buffer.append(text)
-            flush_now = "\n" in text
-            schedule = not flush_now and not self._scheduled
+            self._size += len(text)
+            full = self._size >= self.FLUSH_AT
+            schedule = not full and not self._scheduled
             self._scheduled = self._scheduled or schedule
-        if flush_now:
+        if full:
             self.flush()
         elif schedule:
             thread = self.executor.kernel.iopub_thread
-            thread.call(lambda: thread.loop.call_later(0.05, self.flush))  # type: ignore[union-attr]
+            thread.call(lambda: thread.loop.call_later(self.FLUSH_AFTER, self.flush))  # type: ignore[union-attr]
         return len(text)
 
     def flush(self) -> None:
+        if not self._buffer:
+            return  # nothing to send (checked without the lock: every publish asks)
         with self._lock:
-            text, self._buffer, self._scheduled = "".join(self._buffer), [], False
-        if text:
-            self.executor.kernel.publish("stream", {"name": self._name, "text": text}, self.executor.parent)
+            text, self._buffer, self._size, self._scheduled = "".join(self._buffer), [], 0, False
+            # Published under the lock, so a timer's flush and the cell's own can't swap texts.
+            if text:
+                self.executor.kernel.publish("stream", {"name": self._name, "text": text}, self.executor.parent)
 
 
 class History:

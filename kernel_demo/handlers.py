@@ -50,9 +50,10 @@ async def execute_request(kernel: Kernel, stream: ZMQStream, idents: list[bytes]
         idents=idents,
         record=record,
     )
-    kernel.reply(stream, idents, msg, reply, record)
     if reply["status"] == "error" and content.get("stop_on_error", True):
-        kernel.abort_queued()
+        kernel.reply_stopping(stream, idents, msg, reply, record)
+    else:
+        kernel.reply(stream, idents, msg, reply, record)
 
 
 def inspect_request(kernel: Kernel, stream: ZMQStream, idents: list[bytes], msg: dict[str, Any], record: Record) -> None:

@@ -48,3 +48,15 @@ def test_the_text_says_how_much_was_dropped() -> None:
     log = OutputLog(limit=10)
     log.add_stream("stdout", "0123456789abcdef")
     assert log.text() == "[... 6 characters of earlier output dropped ...]\n6789abcdef"
+
+
+def test_a_display_update_replaces_what_the_log_shows() -> None:
+    log = OutputLog(limit=1000)
+    log.add_display({"text/plain": "waiting"}, display_id="board")
+    log.add_stream("stdout", "between\n")
+    log.add_display({"text/plain": "x" * 500}, display_id="board", update=True)
+    log.add_display({"text/plain": "for a display shown elsewhere"}, display_id="other", update=True)
+    assert log.text() == "x" * 500 + "\nbetween\n"
+    # Over the bound: the oldest output goes first, even when it is the display just updated.
+    log.add_display({"text/plain": "y" * 995}, display_id="board", update=True)
+    assert log.text().endswith("dropped ...]\nbetween\n") and log.dropped == 995

@@ -152,6 +152,22 @@ def test_jobs_show_and_show_flag_refuse_bad_use(kernel: Kernel) -> None:
     refused(kernel, "%jobs list --show\nran = True", "--show goes with %jobs wait", "%jobs [")
 
 
+def test_jobs_show_shows_a_display_as_last_updated(kernel: Kernel) -> None:
+    job_cell(kernel, "%%background -n board\nh = display('waiting', display_id=True)\nh.update('final count: 7')")
+    finished(kernel, "board")
+    shown = run(kernel, "%jobs show board")
+    texts = [str(r.get("text/plain")) for r in shown.results]
+    assert "'final count: 7'" in texts and "'waiting'" not in texts, texts
+
+
+def test_options_may_come_before_or_after_the_jobs_named(kernel: Kernel) -> None:
+    job_cell(kernel, "%%background -n either\nprint('either way')")
+    finished(kernel, "either")
+    for line in ("%jobs wait --show either", "%jobs wait either --show", "%jobs wait --timeout 5 either --show"):
+        shown = run(kernel, line)
+        assert shown.status == "ok" and "either way" in shown.stdout, (line, shown.text)
+
+
 def test_the_jobs_table_tells_jobs_apart_and_reads_left_to_right(kernel: Kernel) -> None:
     job_cell(kernel, "%%background -n tidy\n# a comment\nimport time\n\nresult = sum(range(10))")
     finished(kernel, "tidy")
