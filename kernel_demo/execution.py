@@ -101,7 +101,7 @@ class OutStream(io.TextIOBase):
     def __init__(self, executor: Executor, name: str) -> None:
         self.executor = executor
         self._name = name
-        self._buffers: dict[str, tuple[dict[str, Any] | None, list[str]]] = {}  # request id: request, texts
+        self._buffers: dict[int, tuple[dict[str, Any] | None, list[str]]] = {}  # id(request): request, texts
         self._size = 0
         self._lock = threading.Lock()
         self._scheduled = False
@@ -110,11 +110,14 @@ class OutStream(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        parent = self.executor.parent
+        parent = request.get() or self.executor.latest  # the writer's cell: Executor.parent, inlined
         if not text or (parent and parent["content"].get("silent")):
             return len(text)
         with self._lock:
-            self._buffers.setdefault(parent["header"]["msg_id"] if parent else "", (parent, []))[1].append(text)
+            buffer = self._buffers.get(id(parent))
+            if buffer is None:
+                buffer = self._buffers[id(parent)] = (parent, [])
+            buffer[1].append(text)
             self._size += len(text)
             full = self._size >= self.FLUSH_AT
             schedule = not full and not self._scheduled
