@@ -6,7 +6,9 @@ import ast
 import base64
 import builtins
 import codeop
+import contextvars
 import fnmatch
+import functools
 import importlib.util
 import inspect
 import io
@@ -18,6 +20,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -35,6 +38,30 @@ _REPRS = (
     ("image/png", "_repr_png_"), ("image/jpeg", "_repr_jpeg_"), ("text/latex", "_repr_latex_"),
     ("application/json", "_repr_json_"),
 )
+
+
+# The request of the cell whose work is running: one per context, not one attribute, so that what a
+# cell started finds *its* cell while a later one runs (docs/how-a-kernel-works.md, "kernel_demo does
+# it too"). Each cell runs in an asyncio task, so in a copy of the context, and sets it there; a task
+# the cell creates copies the cell's context, and so do its threads (see inherit_context).
+request: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("request", default=None)
+
+
+def inherit_context() -> None:
+    """Run each thread, and each function given to a thread pool, in a copy of the context that
+    started it, as Python 3.14 does for threads with ``-X thread_inherit_context=1`` (without it a
+    thread starts in an empty context, where :data:`request` names no cell)."""
+    start, submit = threading.Thread.start, ThreadPoolExecutor.submit
+
+    def start_in_context(thread: threading.Thread) -> None:
+        thread.run = functools.partial(contextvars.copy_context().run, thread.run)  # type: ignore[method-assign]
+        start(thread)
+
+    def submit_in_context(pool: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return submit(pool, contextvars.copy_context().run, fn, *args, **kwargs)
+
+    threading.Thread.start = start_in_context  # type: ignore[method-assign,assignment]
+    ThreadPoolExecutor.submit = submit_in_context  # type: ignore[method-assign,assignment]
 
 
 class StdinNotImplementedError(RuntimeError):
@@ -61,11 +88,11 @@ def mime_bundle(obj: Any) -> dict[str, Any]:
 class OutStream(io.TextIOBase):
     """sys.stdout / sys.stderr: text goes out in batches, as ``stream`` messages, while the cell runs.
 
-    A write only buffers, as in ipykernel. The buffer is sent 50 ms after its first write (by a
-    timer on the IOPub thread, which keeps running while the main thread computes), as soon as it
-    holds 64 KiB, and before anything else is published or replied (the kernel flushes it first),
-    so output keeps its order and a loop of prints costs a few messages, not one per line.
-    Thread-safe.
+    A write only buffers, as in ipykernel: per request, the writer's (:data:`request`), read when it
+    writes. The buffers are sent 50 ms after the first write (by a timer on the IOPub thread, which
+    keeps running while the main thread computes), as soon as they hold 64 KiB, and before anything
+    else is published or replied (the kernel flushes them first), so output keeps its order and a
+    loop of prints costs a few messages, not one per line. Thread-safe.
     """
 
     FLUSH_AFTER = 0.05  # seconds: output stays live
@@ -74,7 +101,7 @@ class OutStream(io.TextIOBase):
     def __init__(self, executor: Executor, name: str) -> None:
         self.executor = executor
         self._name = name
-        self._buffer: list[str] = []
+        self._buffers: dict[int, tuple[dict[str, Any] | None, list[str]]] = {}  # id(request): request, texts
         self._size = 0
         self._lock = threading.Lock()
         self._scheduled = False
@@ -83,10 +110,14 @@ class OutStream(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        if self.executor.silent or not text:
+        parent = request.get() or self.executor.latest  # the writer's cell: Executor.parent, inlined
+        if not text or (parent and parent["content"].get("silent")):
             return len(text)
         with self._lock:
-            self._buffer.append(text)
+            buffer = self._buffers.get(id(parent))
+            if buffer is None:
+                buffer = self._buffers[id(parent)] = (parent, [])
+            buffer[1].append(text)
             self._size += len(text)
             full = self._size >= self.FLUSH_AT
             schedule = not full and not self._scheduled
@@ -99,13 +130,13 @@ class OutStream(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        if not self._buffer:
+        if not self._buffers:
             return  # nothing to send (checked without the lock: every publish asks)
         with self._lock:
-            text, self._buffer, self._size, self._scheduled = "".join(self._buffer), [], 0, False
+            buffers, self._buffers, self._size, self._scheduled = self._buffers, {}, 0, False
             # Published under the lock, so a timer's flush and the cell's own can't swap texts.
-            if text:
-                self.executor.kernel.publish("stream", {"name": self._name, "text": text}, self.executor.parent)
+            for parent, texts in buffers.values():
+                self.executor.kernel.publish("stream", {"name": self._name, "text": "".join(texts)}, parent)
 
 
 class History:
@@ -146,8 +177,7 @@ class Executor:
         self.kernel = kernel
         self.count = 0
         self.history = History()
-        self.parent: dict[str, Any] | None = None  # the request whose cell is running
-        self.silent = False
+        self.latest: dict[str, Any] | None = None  # the request of the cell that started last
         self.in_user_code = False
         self.live: tuple[str, dict[str, Any]] | None = None  # %dispatch --live: display id, parent
         self.namespace: dict[str, Any] = {
@@ -158,6 +188,7 @@ class Executor:
         sys.stdout = OutStream(self, "stdout")  # type: ignore[assignment]
         sys.stderr = OutStream(self, "stderr")  # type: ignore[assignment]
         builtins.input = self.input  # type: ignore[assignment]
+        inherit_context()
         # With IPython installed, IPython.display's functions publish through this kernel too; without
         # it nothing of IPython is imported, and our display / clear_output above are the only ones.
         self.ipython = None
@@ -165,6 +196,12 @@ class Executor:
             from .ipython_display import install
 
             self.ipython = install(self)
+
+    @property
+    def parent(self) -> dict[str, Any] | None:
+        """The request output belongs to: the cell whose work calls, else (code that runs in no cell's
+        context, such as a thread C code started) the latest cell, as in ipykernel."""
+        return request.get() or self.latest
 
     # -------------------------------------------------------------- execute
     async def execute(self, code: str, msg: dict[str, Any], *, silent: bool, store_history: bool,
@@ -174,7 +211,8 @@ class Executor:
         store_history = store_history and not silent
         if store_history:
             self.count += 1  # the spec: only cells stored in history advance the count
-        self.parent, self.silent, self._stdin = msg, silent, (idents, allow_stdin)
+        request.set(msg)  # in this cell's task: its context, copied by what the cell starts
+        self.latest, self._stdin = msg, (idents, allow_stdin)
         if not silent:
             self.kernel.publish("execute_input", {"code": code, "execution_count": self.count}, msg, record=record)
         output: str | None = None
@@ -215,7 +253,6 @@ class Executor:
                 self.ipython.events.trigger("post_execute")  # e.g. matplotlib redraws here
             sys.stdout.flush()
             sys.stderr.flush()
-            self.silent = False
         if store_history:
             self.history.add(self.count, code, output)
         return reply
