@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,6 @@ from kernel_demo.logo import FILES
 from kernel_demo.trace import MIME_TYPE
 from tests import browser
 from tests.browser import TOKEN, Server
-from tests.test_kernel_demo import control
 
 server = browser.server  # the fixture: a real JupyterLab on 127.0.0.1
 
@@ -103,26 +101,6 @@ def test_dispatch_is_one_output_with_the_table_and_the_records(demo: Kernel) -> 
     assert set(data) == {"text/plain", "text/html", MIME_TYPE}
     assert "kernel_info_request" in data["text/plain"] and "<table>" in data["text/html"]
     assert [r["msg_type"] for r in data[MIME_TYPE]][-2:] == ["kernel_info_request", "execute_request"]
-
-
-# ------------------------------------------------------------------ interrupted cells
-
-
-@pytest.mark.parametrize("how", ["signal", "message"])
-@pytest.mark.parametrize("code", ["while True:\n    pass", "import asyncio\nawait asyncio.sleep(30)"])
-def test_an_interrupted_cell_shows_only_the_users_code(demo: Kernel, how: str, code: str) -> None:
-    cell = demo.execute(code, wait=False)
-    time.sleep(0.5)
-    if how == "signal":
-        demo.manager.interrupt_kernel()
-    else:
-        assert control(demo, "interrupt_request")["content"]["status"] == "ok"
-    demo.wait(cell, timeout=10)
-    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt"
-    traceback = cell.error["traceback"]
-    files = [line.split('"')[1] for line in traceback if line.lstrip().startswith('File "')]
-    assert files and files[0].startswith("<cell "), traceback  # where the cell was stopped
-    assert not [f for f in files if "kernel_demo" in f], traceback
 
 
 # ------------------------------------------------------------------ the kernelspec's logo
