@@ -291,11 +291,11 @@ class ConcurMagics(Magics):
                ...: time.sleep(2)
                ...: answer = 42
                ...: answer
-            Job #1 slow [thread] running — import time
+            <Job #1 slow [thread] done 2.0 s: time.sleep(2)>
             42
 
-            In [2]: job.status, job.result()
-            Out[2]: ('done', 42)
+            In [2]: job.result(), job.status
+            Out[2]: (42, 'done')
         """
         __tracebackhide__ = True
         args = parse_args(self.background, line)
@@ -362,12 +362,20 @@ class ConcurMagics(Magics):
             In [3]: %jobs
             Out[3]:
             id  name  mode    status  elapsed  cell
-            1   slow  thread  done    2.0 s    import time
+            1   slow  thread  done    2.0 s    time.sleep(2)
 
             In [4]: %jobs show slow
+            ── <Job #1 slow [thread] done 2.0 s: time.sleep(2)>
+            42
+
             In [5]: %jobs cancel slow
-            In [6]: %jobs wait --timeout 10 --show
+            #1 slow: done
+
+            In [6]: %jobs wait --timeout 10
+            no jobs to wait for
+
             In [7]: %jobs clear
+            forgot 1 finished job(s)
         """
         args, targets = self._parse_jobs(line)
         if args.action == "list":
@@ -442,6 +450,7 @@ class ConcurMagics(Magics):
         ::
 
             In [1]: %dask
+            Out[1]:
             Dask scheduler tcp://127.0.0.1:40123 (local cluster started by concur_magics)
             workers: 2, threads: 2, memory: 23.4 GiB
             ...
@@ -572,6 +581,7 @@ class ConcurMagics(Magics):
             In [1]: %%every 1s --times 3 -n counter
                ...: count = globals().get('count', 0) + 1
                ...: count
+            <Job #1 counter [every] done 2.0 s: count = globals().get('count', 0) + 1>
             1
             2
             3
