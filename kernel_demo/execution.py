@@ -183,7 +183,9 @@ class Executor:
         self.namespace: dict[str, Any] = {
             "__name__": "__main__", "__builtins__": builtins,
             "display": self.display, "clear_output": self.clear_output,
+            "exit": _AskExit(self), "quit": _AskExit(self),
         }
+        self.ask_exit: bool | None = None  # exit() in the running cell: keep the kernel?
         self._stdin: tuple[list[bytes], bool] = ([], False)
         sys.stdout = OutStream(self, "stdout")  # type: ignore[assignment]
         sys.stderr = OutStream(self, "stderr")  # type: ignore[assignment]
@@ -217,6 +219,7 @@ class Executor:
             self.kernel.publish("execute_input", {"code": code, "execution_count": self.count}, msg, record=record)
         output: str | None = None
         payload: list[dict[str, Any]] = []
+        self.ask_exit = None
         if self.ipython is not None:
             self.ipython.events.trigger("pre_execute")
         try:
@@ -239,10 +242,12 @@ class Executor:
                     self.kernel.publish("execute_result", {
                         "execution_count": self.count, "data": data, "metadata": metadata,
                     }, msg, record=record)
+            if self.ask_exit is not None:  # the frontend closes (jupyter console quits), as in IPython
+                payload.append({"source": "ask_exit", "keepkernel": self.ask_exit})
             reply: dict[str, Any] = {"status": "ok", "execution_count": self.count, "payload": payload,
                                      "user_expressions": self._user_expressions(user_expressions)}
         except BaseException as exc:  # noqa: BLE001 - the user's error becomes the reply
-            # SystemExit (sys.exit(), exit()) and GeneratorExit too: a cell can't end the kernel,
+            # SystemExit (sys.exit()) and GeneratorExit too: a cell can't end the kernel,
             # as in ipykernel; shutdown_request (or the frontend's restart button) does.
             error = self._error(exc)
             if not silent:
@@ -437,6 +442,20 @@ def _indented_block(code: str) -> bool:
     """A multi-line block whose last line is indented is still open until an empty line."""
     last = code.rstrip("\n").split("\n")[-1]
     return last.startswith((" ", "\t"))
+
+
+class _AskExit:
+    """``exit()`` and ``quit()`` in a cell: ask the frontend to close, as IPython's do (a payload on
+    the reply); ``exit(keep_kernel=True)`` leaves the kernel running."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    def __repr__(self) -> str:
+        return "Use exit() or Ctrl-D to close the frontend."
+
+    def __call__(self, keep_kernel: bool = False) -> None:
+        self.executor.ask_exit = keep_kernel
 
 
 class _Bundle:

@@ -75,7 +75,6 @@ def dispatch_records(kernel: Kernel, n: int = 50) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("code, ename", [
     ("raise SystemExit", "SystemExit"),
     ("import sys; sys.exit(3)", "SystemExit"),
-    ("exit()", "SystemExit"),
     ("raise GeneratorExit", "GeneratorExit"),
     ("raise KeyboardInterrupt", "KeyboardInterrupt"),
     ("async def f():\n    raise SystemExit(2)\nawait f()", "SystemExit"),
@@ -85,6 +84,14 @@ def test_exits_from_a_cell_are_its_errors_and_the_kernel_stays(demo: Kernel, cod
     assert cell.status == "error" and cell.reply is not None and cell.reply["ename"] == ename, cell.text
     assert "<cell " in cell.text and "kernel_demo" not in cell.text, cell.text
     assert demo.execute("6 * 7", timeout=10).results[-1]["text/plain"] == "42"
+
+
+def test_exit_asks_the_frontend_to_close_as_in_ipython(demo: Kernel) -> None:
+    for code, keep in (("exit()", False), ("quit(keep_kernel=True)", True)):
+        cell = demo.execute(code, timeout=10)
+        assert cell.status == "ok" and cell.reply is not None, cell.text
+        assert {"source": "ask_exit", "keepkernel": keep} in cell.reply["payload"]
+    assert demo.execute("6 * 7", timeout=10).reply["payload"] == []  # type: ignore[index]
 
 
 def test_control_is_answered_while_a_cell_sleeps(demo: Kernel) -> None:
