@@ -335,14 +335,16 @@ class Kernel:
 
     def _on_parent_gone(self, reason: str) -> None:
         """The launcher died without a shutdown_request: shut down as if it had sent one."""
-        # To the terminal or log the kernel was started with: sys.stderr goes to cells.
-        print(f"kernel_demo: {reason}; shutting down", file=sys.__stderr__, flush=True)
         if self.execution is not None:
             self.interrupt()  # a running cell would keep the main loop from stopping
         self.stop()
         # A cell that ignores the interrupt must not keep an orphan alive. We are on the control
         # loop, which runs while the main thread is stuck; a shutdown that gets through stops it first.
         IOLoop.current().call_later(5, os._exit, 1)
+        try:  # to the terminal or log the kernel was started with (sys.stderr goes to cells)...
+            print(f"kernel_demo: {reason}; shutting down", file=sys.__stderr__, flush=True)
+        except (OSError, ValueError, AttributeError):
+            pass  # ...which may have died with the launcher (a closed terminal: EIO)
 
     def start(self) -> None:
         self.control_thread.call(self.parent_watch.start)  # exit with the launcher, from now on

@@ -86,6 +86,7 @@ class ParentWatch:
     def _gone(self, pid: int) -> None:
         if not self._fired:
             self._fired = True
+            self.close()  # an exited process's pidfd stays readable: it would wake the loop forever
             which = "parent process" if pid == self.ppid else "launcher (JPY_PARENT_PID)"
             self.on_gone(f"its {which} {pid} exited")
 
