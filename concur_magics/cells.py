@@ -198,9 +198,7 @@ def _register_source(padded: str, raw: str, shell: InteractiveShell | None) -> s
     if shell is not None:
         from . import compat
 
-        # IPython advances execution_count before it runs a cell; the running cell is the one before.
-        number = max(int(getattr(shell, "execution_count", 1)) - 1, 0)
-        filename = compat.cell_filename(shell, padded, number, raw)
+        filename = compat.cell_filename(shell, padded, compat.cell_number(shell), raw)
         if filename is not None:
             return filename
     digest = hashlib.sha1(padded.encode()).hexdigest()[:12]

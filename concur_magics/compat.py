@@ -5,9 +5,9 @@ cloudpickle goes through a function here, with a comment naming the detail, the 
 checked on, and what happens when it is missing: a documented fallback, or an error that names the
 library and its version, never an ``AttributeError`` deep in a job.
 
-Checked with the version matrix (``noxfile.py``): CPython 3.10.13, 3.11.7, 3.12.1 and 3.13.0 with
-the newest releases (IPython 9.18, ipykernel 7.4, distributed 2026.8), and CPython 3.10 with the
-oldest that ``pyproject.toml`` allows (IPython 8.12, ipykernel 7.0, distributed 2024.1).
+Checked with the version matrix (``noxfile.py``): CPython 3.11.7, 3.12.1 and 3.13.0 with the
+newest releases (IPython 9.18, ipykernel 7.4, distributed 2026.8), and CPython 3.11 with the oldest
+that ``pyproject.toml`` allows (IPython 8.12, ipykernel 7.4, distributed 2024.7).
 ``tests/test_compat.py`` exercises each door, and each fallback that can be reached honestly.
 """
 
@@ -29,6 +29,7 @@ __all__ = [
     "async_raise",
     "cancel_reason",
     "cell_filename",
+    "cell_number",
     "execution",
     "format_syntax_error",
     "format_traceback",
@@ -132,6 +133,21 @@ def cell_filename(shell: Any, source: str, number: int, raw: str) -> str | None:
         return str(cache(source, number, raw))
     except TypeError:  # another signature
         return None
+
+
+def cell_number(shell: Any) -> int:
+    """The number of the cell running now, the one its prompt shows (``In[7]``).
+
+    ``shell.displayhook.prompt_count`` (a public property of IPython's ``DisplayHook``, which
+    ipykernel's inherits): IPython up to 9.7 advances ``execution_count`` after running a cell,
+    later releases before it (ipython/ipython#15088), and this property follows (checked on 8.12,
+    where it is ``execution_count``, and 9.18, where it is ``execution_count - 1``). Missing: the
+    newer rule, ``execution_count - 1``, which may name the cell before on an older IPython.
+    """
+    count = getattr(getattr(shell, "displayhook", None), "prompt_count", None)
+    if isinstance(count, int):
+        return count
+    return max(int(getattr(shell, "execution_count", 1)) - 1, 0)
 
 
 def format_traceback(shell: Any, error: BaseException, tb: TracebackType | None) -> list[str]:
@@ -309,7 +325,7 @@ def iopub_loop(shell: Any) -> Any:
     for timers that must keep firing then (clocks, status lines).
 
     ``kernel.iopub_thread.io_loop`` (ipykernel 6.0-7.4, public attributes but undocumented; checked
-    on 7.0 and 7.4). Missing (a terminal IPython): None, and callers show nothing that needs
+    on 7.4). Missing (a terminal IPython): None, and callers show nothing that needs
     refreshing. To run one function there, :func:`on_iopub_thread` uses the public door.
     """
     iopub = getattr(getattr(shell, "kernel", None), "iopub_thread", None)
@@ -320,7 +336,7 @@ def on_iopub_thread(shell: Any, fn: Callable[[], object]) -> bool:
     """Call ``fn`` on ipykernel's IOPub thread, soon; return False outside a kernel (not called).
 
     ``IOPubThread.schedule`` (ipykernel's public, thread-safe way in; it calls ``fn`` at once if
-    the thread has ended; checked on 7.0 and 7.4), reached as ``kernel.iopub_thread``.
+    the thread has ended; checked on 7.4), reached as ``kernel.iopub_thread``.
     """
     schedule = getattr(getattr(getattr(shell, "kernel", None), "iopub_thread", None), "schedule", None)
     if schedule is None:
@@ -395,7 +411,7 @@ def scheduler_address(client: Any) -> str:
     """The address of the scheduler ``client`` is connected to, without asking it.
 
     ``Client.scheduler.address`` (the client's connection to the scheduler; an attribute not in
-    distributed's docs, checked on 2024.1.0 and 2026.8.0). Missing: the address of the client's
+    distributed's docs, checked on 2024.7.0 and 2026.8.0). Missing: the address of the client's
     own cluster (``Client.cluster.scheduler_address``, public, for a cluster the kernel made),
     else ``"an unknown address"``: this only names the scheduler in messages.
     """
@@ -410,7 +426,7 @@ def scheduler_workers(client: Any) -> dict[str, dict[str, Any]]:
     (``nthreads``, ``memory_limit``, ...).
 
     ``Client.scheduler_info()`` (public). Releases since 2025 list only some workers unless asked
-    for all with ``n_workers=-1``, an argument earlier releases refuse (checked on 2024.1.0, which
+    for all with ``n_workers=-1``, an argument earlier releases refuse (checked on 2024.7.0, which
     has no such argument, and 2026.8.0): passed when its signature has it.
     """
     try:
@@ -438,10 +454,10 @@ def cancel_reason(exc: BaseException) -> str | None:
 # Read where this module is not: on Dask workers and schedulers, which need not have concur_magics
 # (the code that runs there is shipped by value and can't import it).
 # - ``Worker.plugins`` (the worker plugins by name; an attribute of ``distributed.Worker``, not in
-#   its docs; checked on 2024.1.0 and 2026.8.0): ``concur_magics.remote._started`` finds its
+#   its docs; checked on 2024.7.0 and 2026.8.0): ``concur_magics.remote._started`` finds its
 #   kernel's ``OutputRouting`` there. Missing: the task's output goes to the worker's own log.
 # - ``Nanny.pid`` (the pid of the worker process a nanny runs, handed to ``Client.run(...,
-#   nanny=True)`` functions as ``dask_worker``; checked on 2024.1.0 and 2026.8.0):
+#   nanny=True)`` functions as ``dask_worker``; checked on 2024.7.0 and 2026.8.0):
 #   ``concur_magics.remote._kill_worker_process`` compares it with the pid of the task to stop.
 #   Missing: that function raises a ``RuntimeError`` naming distributed's version, and the stop
 #   falls back to asking the worker process to end itself.

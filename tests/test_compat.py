@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import linecache
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -346,7 +345,3 @@ def test_the_demo_kernels_heartbeat_echoes(kernel_demo_spec: str) -> None:
         finally:
             socket.close()
             context.term()
-
-
-def test_the_interpreter_is_one_the_matrix_covers() -> None:
-    assert (3, 10) <= sys.version_info[:2] <= (3, 13), sys.version
