@@ -196,10 +196,11 @@ def _register_source(padded: str, raw: str, shell: InteractiveShell | None) -> s
     ``padded`` is the source as tracebacks list it: the lines above it in its cell, then itself.
     """
     if shell is not None:
-        # IPython names the file after the cell ("Cell In[7], line 3") and keeps it in linecache.
-        # IPython advances execution_count before it runs a cell; the running cell is the one before.
-        number = max(int(getattr(shell, "execution_count", 1)) - 1, 0)
-        return str(shell.compile.cache(padded, number, raw))
+        from . import compat
+
+        filename = compat.cell_filename(shell, padded, compat.cell_number(shell), raw)
+        if filename is not None:
+            return filename
     digest = hashlib.sha1(padded.encode()).hexdigest()[:12]
     filename = f"<concur-cell-{digest}>"
     lines = padded.splitlines(keepends=True)

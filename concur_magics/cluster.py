@@ -134,7 +134,7 @@ class Cluster:
                 self.address, self.security = self._key  # later uses go on with the cluster in use
                 raise SchedulerUnreachable(
                     f"not switching to {target or 'a local cluster'}: {len(self._routes)} job(s) of "
-                    f"this kernel still run on {self._client.scheduler.address}; wait for them or "
+                    f"this kernel still run on {compat.scheduler_address(self._client)}; wait for them or "
                     "cancel them (%jobs cancel) first"
                 )
             self._log.hold()  # what distributed logs while connecting stays out of the cell too
@@ -148,12 +148,12 @@ class Cluster:
                 if self._client is not None and self._key is not None:
                     self.address, self.security = self._key  # later uses go on with what works
                     raise SchedulerUnreachable(
-                        f"{exc}; still connected to {self._client.scheduler.address}"
+                        f"{exc}; still connected to {compat.scheduler_address(self._client)}"
                     ) from None
                 raise SchedulerUnreachable(f"{exc} (%dask close forgets this address)") from None
             previous = self._client is not None
             if previous:
-                self._run_close_hooks(f"switched to the Dask scheduler at {client.scheduler.address}")
+                self._run_close_hooks(f"switched to the Dask scheduler at {compat.scheduler_address(client)}")
             old = (self._client, self._local)
             self._client, self._local, self._key = client, local, key
             self.failed = None
@@ -248,7 +248,7 @@ class Cluster:
         elif local is not None:
             done = "closed the local cluster"
         else:
-            done = f"disconnected from {client.scheduler.address}"
+            done = f"disconnected from {compat.scheduler_address(client)}"
         self._let_go(client, local)
         return f"{done}\n{forgot}" if forgot else done
 
@@ -262,9 +262,9 @@ class Cluster:
         """What ``%dask`` shows: scheduler, dashboard, workers, and ``jobs`` (this kernel's
         ``--dask`` jobs) that are running on the cluster."""
         client = self.client()
-        workers = client.scheduler_info(n_workers=-1)["workers"]
+        workers = compat.scheduler_workers(client)
         return ClusterInfo(
-            address=client.scheduler.address,
+            address=compat.scheduler_address(client),
             ours=self.ours,
             workers=len(workers),
             threads=sum(w.get("nthreads", 0) for w in workers.values()),

@@ -68,9 +68,11 @@ def loop_timer(loop: asyncio.AbstractEventLoop) -> Timer:
     """
 
     def timer(seconds: float, fn: Callable[[], None]) -> Cancellable:
-        from . import compat
-
-        if compat.loop_thread_id(loop) == threading.get_ident():
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:  # no loop runs in this thread
+            here = False
+        if here:
             return loop.call_later(seconds, fn)
         return _LoopTimer(loop, seconds, fn)
 

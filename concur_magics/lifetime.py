@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, ClassVar
 
+from . import compat
 from .magics import ConcurMagics
 from .runtime import Runtime
 from .transform import await_loop_magics
@@ -48,13 +49,7 @@ class Extension:
         ext = cls._loaded.pop(id(shell), None)
         if ext is None:
             return
-        manager = shell.magics_manager
-        for kind, table in ext.magics.magics.items():
-            for name in table:
-                registered = manager.magics[kind].get(name)
-                if getattr(registered, "__self__", None) is ext.magics:
-                    del manager.magics[kind][name]
-        manager.registry.pop(type(ext.magics).__name__, None)
+        compat.unregister_magics(shell, ext.magics)
         if ext.transformer in shell.input_transformers_post:
             shell.input_transformers_post.remove(ext.transformer)
         shell.events.unregister("pre_execute", ext.runtime.activity.started)

@@ -368,9 +368,19 @@ def _routed_print(inner: Callable[..., None], plugin: OutputRouting) -> Callable
 def _kill_worker_process(pid: int, dask_worker: Any = None) -> None:
     """Run in a Nanny: SIGKILL its worker process if it is the one running our task.
 
-    The Nanny sees its worker die and starts a fresh one.
+    The Nanny sees its worker die and starts a fresh one. ``Nanny.pid`` is read here, on the
+    worker, where ``concur_magics.compat`` may not be (see the note there).
+
+    Raises
+    ------
+    RuntimeError
+        When the nanny has no ``pid`` (another release of distributed): the caller then asks the
+        worker process to end itself.
     """
-    if getattr(dask_worker, "pid", None) == pid:
+    nanny_pid = getattr(dask_worker, "pid", None)
+    if not isinstance(nanny_pid, int):
+        raise RuntimeError(f"distributed {distributed.__version__}: its Nanny has no worker pid (Nanny.pid)")
+    if nanny_pid == pid:
         os.kill(pid, signal.SIGKILL)
 
 

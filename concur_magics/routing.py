@@ -62,7 +62,7 @@ class Routing:
 
     def __init__(self, jobs: JobTable) -> None:
         self.jobs = jobs
-        self.iopub_loop: Any = None
+        self.shell: Any = None
         self.relay = Relay()
         self._undo: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -72,11 +72,10 @@ class Routing:
         with self._lock:
             if self._undo:
                 return
-            self.iopub_loop = compat.iopub_loop(shell)
-            if self.iopub_loop is not None:
-                for stream in (sys.stdout, sys.stderr):
-                    if hasattr(stream, "register_hook"):
-                        self._hook(stream)
+            self.shell = shell
+            for stream in (sys.stdout, sys.stderr):
+                if hasattr(stream, "register_hook"):  # ipykernel's streams
+                    self._hook(stream)
             publisher = getattr(shell, "display_pub", None)
             if publisher is not None:
                 self._patch_instance(publisher, "publish", self._job_publish(publisher.publish, "publish"))
@@ -98,13 +97,10 @@ class Routing:
     def _hook(self, stream: Any) -> None:
         """See every message a kernel stream sends. A stream's hooks are per thread, and its
         messages are sent from the IOPub thread: the hook is registered there."""
-        loop = self.iopub_loop
+        shell = self.shell
 
         def call(fn: Callable[..., Any]) -> None:
-            try:
-                loop.add_callback(fn, self._on_message)
-            except RuntimeError:  # the IOPub loop has closed: so has the stream
-                pass
+            compat.on_iopub_thread(shell, functools.partial(fn, self._on_message))
 
         call(stream.register_hook)
         self._undo.append(lambda: call(stream.unregister_hook))

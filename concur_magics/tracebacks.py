@@ -112,20 +112,13 @@ def format_traceback(error: BaseException, shell: Any = None) -> list[str]:
 
 
 def _format(error: BaseException, tb: TracebackType | None, shell: Any = None) -> list[str]:
+    from . import compat
+
     if shell is None:
         from IPython import get_ipython
 
         shell = get_ipython()
-    if shell is not None:
-        # tb_offset=0: the frames are already the user's; the default skips one.
-        return list(shell.InteractiveTB.structured_traceback(type(error), error, tb, tb_offset=0))
-    from IPython.core.ultratb import VerboseTB
-
-    try:
-        formatter = VerboseTB(theme_name="linux")
-    except TypeError:  # IPython < 9
-        formatter = VerboseTB(color_scheme="Linux")  # type: ignore[call-arg]
-    return list(formatter.structured_traceback(type(error), error, tb, tb_offset=0))
+    return compat.format_traceback(shell, error, tb)
 
 
 def job_traceback(shell: Any, error: BaseException) -> list[str]:
@@ -184,12 +177,14 @@ class CellSyntaxError(Exception):
 
 def tidy_syntax_error(shell: Any, error: SyntaxError) -> BaseException:
     """What a magic raises for a syntax error in its body (see :class:`CellSyntaxError`)."""
-    formatter = getattr(shell, "SyntaxTB", None)
-    if formatter is None:
+    from . import compat
+
+    lines = compat.format_syntax_error(shell, error)
+    if lines is None:
         return error
     tidy = CellSyntaxError(str(error))
     tidy.syntax_error = error
-    with_rendered_traceback(tidy, list(formatter.structured_traceback(type(error), error, [])))
+    with_rendered_traceback(tidy, lines)
     return tidy
 
 

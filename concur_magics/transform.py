@@ -14,11 +14,12 @@ import ast
 from collections.abc import Callable
 from typing import Any
 
+from . import compat
 from .cells import awaits_at_top_level
 
 __all__ = ["await_loop_magics"]
 
-_REGISTRY = "get_ipython().magics_manager.registry['ConcurMagics']"
+_REGISTRY = compat.magics_instance("ConcurMagics")
 
 
 def await_loop_magics(shell: Any) -> Callable[[list[str]], list[str]]:
@@ -26,8 +27,8 @@ def await_loop_magics(shell: Any) -> Callable[[list[str]], list[str]]:
 
     def transform(lines: list[str]) -> list[str]:
         source = "".join(lines)
-        if "run_cell_magic('timeout'" not in source and "run_line_magic('jobs'" not in source:
-            return lines
+        if "timeout" not in source and "jobs" not in source:
+            return lines  # neither magic: no need to parse
         try:
             tree = ast.parse(source)
         except SyntaxError:
@@ -45,7 +46,7 @@ def await_loop_magics(shell: Any) -> Callable[[list[str]], list[str]]:
 
 
 def _replacement(call: ast.Call, shell: Any) -> str | None:
-    magic = _magic_call(call)
+    magic = compat.magic_call(call)
     if magic is None:
         return None
     kind, name, args = magic
@@ -60,24 +61,6 @@ def _replacement(call: ast.Call, shell: Any) -> str | None:
     if kind == "run_line_magic" and name == "jobs" and args[0].split()[:1] == ["wait"]:
         return f"(await {_REGISTRY}.jobs_async({args[0]!r}))"
     return None
-
-
-def _magic_call(call: ast.Call) -> tuple[str, str, list[str]] | None:
-    """``(kind, magic name, string args)`` for ``get_ipython().run_*_magic('name', ...)`` calls."""
-    func = call.func
-    if not (
-        isinstance(func, ast.Attribute)
-        and func.attr in ("run_cell_magic", "run_line_magic")
-        and isinstance(func.value, ast.Call)
-        and isinstance(func.value.func, ast.Name)
-        and func.value.func.id == "get_ipython"
-        and call.args
-        and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in call.args)
-        and not call.keywords
-    ):
-        return None
-    values = [a.value for a in call.args]  # type: ignore[attr-defined]
-    return func.attr, values[0], values[1:]
 
 
 def _module_level_calls(tree: ast.Module) -> list[ast.Call]:

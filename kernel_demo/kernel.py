@@ -329,7 +329,7 @@ class Kernel:
 
     def _heartbeat(self) -> None:
         try:
-            zmq.device(zmq.QUEUE, self.hb_socket, self.hb_socket)
+            zmq.proxy(self.hb_socket, self.hb_socket)  # each ping goes straight back
         except zmq.ContextTerminated:
             pass
 

@@ -18,6 +18,13 @@ from concur_magics.frontend import Cell, Kernel, running_kernel
 os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the browser's fixtures is a browser test (``-m "not browser"`` skips it)."""
+    for item in items:
+        if {"browser", "server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.browser)
+
+
 def _start(load: bool = True) -> Iterator[Kernel]:
     with running_kernel(startup_timeout=60) as kernel:
         if load:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_quick_benchmarks_run_and_print_a_table() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick"], capture_output=True, text=True, timeout=300)

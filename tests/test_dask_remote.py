@@ -24,15 +24,23 @@ ENDS_WITHIN = 10.0
 
 @pytest.fixture(scope="session")
 def bare_python(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The bin directory of a virtual environment with only ``distributed`` (the kernel's version)
-    and its dependencies, from the index pip uses: made once per run."""
-    import distributed
+    """The bin directory of a virtual environment with only ``distributed`` and its dependencies,
+    from the index pip uses: made once per run. Each package whose version distributed compares
+    between client, scheduler and workers is the kernel's version (or the cluster would warn), and
+    so is tblib, with which distributed pickles a task's exception (other releases can't read it)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    pins = []
+    for name in ("distributed", "dask", "msgpack", "cloudpickle", "tornado", "toolz", "tblib"):
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
     root = tmp_path_factory.mktemp("bare-venv")
     subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=120)
     bin_dir = root / "bin"
     subprocess.run(
-        [str(bin_dir / "python"), "-m", "pip", "install", "-q", f"distributed=={distributed.__version__}"],
+        [str(bin_dir / "python"), "-m", "pip", "install", "-q", *pins],
         check=True, timeout=300, capture_output=True,
     )
     return str(bin_dir)

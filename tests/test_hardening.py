@@ -22,6 +22,7 @@ from concur_magics.magics import ConcurMagics, parse_args
 from tests.conftest import run, value
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_mixed_soak_loses_nothing_and_leaves_nothing(fresh_kernel: Kernel) -> None:
     kernel = fresh_kernel
