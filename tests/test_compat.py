@@ -126,7 +126,24 @@ def test_loop_thread_id_of_a_loop_without_one_is_none() -> None:
 
 @pytest.fixture(scope="module")
 def shell() -> Iterator[InteractiveShell]:
-    yield InteractiveShell.instance()
+    """IPython's shell in this process, for this module only: a shell left behind would make
+    ``get_ipython()`` return it in every later test of the worker (and display there)."""
+    import builtins
+    import sys
+
+    from traitlets.config import Config
+
+    saved = sys.modules["__main__"], sys.displayhook, sys.excepthook, dict(vars(builtins))
+    config = Config()
+    config.HistoryManager.enabled = False  # no history file, no saving thread
+    yield InteractiveShell.instance(config=config)
+    InteractiveShell.clear_instance()
+    sys.modules["__main__"], sys.displayhook, sys.excepthook = saved[:3]
+    for name in set(vars(builtins)) - set(saved[3]):
+        delattr(builtins, name)
+    for name, value in saved[3].items():
+        if vars(builtins).get(name) is not value:
+            setattr(builtins, name, value)
 
 
 def test_cell_filename_names_the_cell_and_keeps_its_source(shell: InteractiveShell) -> None:
