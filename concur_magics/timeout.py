@@ -81,9 +81,15 @@ class timeout:
     def __enter__(self) -> timeout:
         from .runtime import Runtime
 
-        self._scope = Scope(Runtime.current().deadlines, self.limit, grace=self.grace)
-        self._scope.enter()
-        return self
+        scope = self._scope = Scope(Runtime.current().deadlines, self.limit, grace=self.grace)
+        try:
+            scope.enter()
+            return self
+        except BaseException as exc:
+            # A deadline of microseconds can pass while the scope is being entered: the block then
+            # never starts and __exit__ never runs, so the scope is left here, or its engine would
+            # go on raising into this thread (and, once it ended, into a thread given its id).
+            raise (scope.exit(exc) or exc) from None
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         __tracebackhide__ = True
