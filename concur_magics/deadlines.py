@@ -16,7 +16,16 @@ it starts on the first deadline and leaves after a second with nothing to do.
 Race-freedom: a scope is ``active`` only between the end of its ``__enter__`` and the start of its
 ``__exit__``. The engine interrupts a thread only while holding the scope's lock and only while the
 scope is active; ``__exit__`` takes the same lock, deactivates the scope, and takes delivery of a
-raise that was requested but had not yet arrived, so it cannot surface in the code that follows. A signal that arrives late finds no active scope and does nothing.
+raise that was requested but had not yet arrived, so it cannot surface in the code that follows. A
+signal that arrives late finds no active scope and does nothing.
+
+A raise requested just as the block ends is delivered at the interpreter's next check, which may be
+inside our own code that enters or leaves the scope (every Python function checks on entry).
+Leaving is therefore repeated until it is complete whatever lands in it (:meth:`Scope.exit`); and
+if the raise landed before leaving began (on the first instruction of ``__exit__``), so that the
+scope was never left, the engine sees where it landed before raising again and retires the scope
+instead (:meth:`Scope._landed_outside`). Nor is a thread that has ended ever raised into, whatever
+thread is later given its id.
 Expiry is a state the scope checks on the way out: work that ran past its deadline without being
 stopped (C code holding the GIL, or code that caught the exception) fails there with
 ``CellTimeout`` too, so it never returns its value silently.
@@ -267,7 +276,8 @@ class Engine:
             if _handling_timeout(handling) or isinstance(handling, asyncio.CancelledError):
                 return  # cleanup after a CellTimeout (or the deadline's cancel) runs undisturbed
             scope.raised += 1
-            raise scope.error("raised")
+            scope.landed = scope.error("raised")
+            raise scope.landed
 
 
 class Scope:
@@ -290,7 +300,9 @@ class Scope:
         self.step = "raised"
         self.deadline = 0.0
         self.thread_id = 0
+        self.thread: threading.Thread | None = None
         self.task: asyncio.Task[Any] | None = None
+        self.landed: BaseException | None = None  # the last raise delivered into the thread
         self._entries: list[Entry] = []
         self._handle: asyncio.TimerHandle | None = None
         self._context: contextvars.Context | None = None
@@ -302,11 +314,14 @@ class Scope:
     def enter(self) -> None:
         self.engine.start()  # before the clock starts: our set-up is not the user's time
         self.thread_id = threading.get_ident()
+        self.thread = threading.current_thread()
         self.task = _current_task()
         # The caller's context: in ipykernel it carries the cell's parent header, so a notice
         # printed from the engine's thread appears in the cell being timed.
         self._context = contextvars.copy_context()
-        self.engine.stacks.setdefault(self.thread_id, []).append(self)
+        stack = self.engine.stacks.setdefault(self.thread_id, [])
+        stack[:] = [scope for scope in stack if scope.active]  # retired by the engine (see _fire)
+        stack.append(self)
         self.deadline = time.monotonic() + self.limit
         if self.task is not None:
             loop = self.task.get_loop()
@@ -321,8 +336,36 @@ class Scope:
             self.active = True
 
     def exit(self, exc: BaseException | None) -> BaseException | None:
-        """Leave the scope; return the exception the block should end with (None: no change)."""
+        """Leave the scope; return the exception the block should end with (None: no change).
+
+        The deadline may fire just as the block ends, so its raise (or the user's interrupt) can land
+        anywhere in here: leaving is repeated until it is complete. A CellTimeout that lands is the
+        deadline passing (``expired``); a KeyboardInterrupt goes on once the scope is left.
+        """
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                self._leave()
+                break
+            except BaseException as landed:  # noqa: BLE001 - finish leaving first, whatever it was
+                if not isinstance(landed, CellTimeout):
+                    interrupted = landed
+        if interrupted is not None:
+            raise interrupted
         late = time.monotonic() - self.deadline
+        if isinstance(exc, asyncio.CancelledError) and self.step == "cancelled":
+            if self.task is not None and sys.version_info >= (3, 11):
+                self.task.uncancel()
+            return self.error("cancelled")
+        if isinstance(exc, CellTimeout):
+            return None
+        if exc is None and (self.expired or late >= 0):
+            return self.error("overran", f"(it ran {max(late, 0):.1f} s past the limit)")
+        return None
+
+    def _leave(self) -> None:
+        """Deactivate, take delivery of a raise still on its way, drop the timers and the stack
+        entry; safe to repeat after an interruption at any point."""
         with self.lock:
             self.active = False
         if self.raised > self.delivered:
@@ -336,15 +379,6 @@ class Scope:
             stack.remove(self)
         if not stack:
             self.engine.stacks.pop(self.thread_id, None)
-        if isinstance(exc, asyncio.CancelledError) and self.step == "cancelled":
-            if self.task is not None and sys.version_info >= (3, 11):
-                self.task.uncancel()
-            return self.error("cancelled")
-        if isinstance(exc, CellTimeout):
-            return None
-        if exc is None and (self.expired or late >= 0):
-            return self.error("overran", f"(it ran {max(late, 0):.1f} s past the limit)")
-        return None
 
     # ------------------------------------------------------------------ engine side
     def _cancel_task(self) -> None:
@@ -358,6 +392,11 @@ class Scope:
         """On the engine's thread: stop the work, then remind and repeat while it runs on."""
         with self.lock:
             if not self.active:
+                return
+            if self._landed_outside() or (self.thread is not None and not self.thread.is_alive()):
+                # The block is over (our raise ended it before __exit__ could start), or its thread
+                # has ended: retire the scope. Its thread drops it from its stack at its next scope.
+                self.active = False
                 return
             self.expired = True
             if self.task is None:
@@ -374,6 +413,19 @@ class Scope:
                 self._interrupt()
         delay = REPEAT if self._noticed else self.grace
         self._entries.append(self.engine.call_at(time.monotonic() + delay, self._remind))
+
+    def _landed_outside(self) -> bool:
+        """Whether the last raise landed in the code that enters or leaves this very scope, not in
+        its block: then the block ended with it, even if the scope could not be left."""
+        tb = self.landed.__traceback__ if self.landed is not None else None
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code in EDGES:
+                owner = frame.f_locals.get("self")
+                if owner is self or getattr(owner, "_scope", None) is self:
+                    return True
+            tb = tb.tb_next
+        return False
 
     def _remind(self) -> None:
         with self.lock:
@@ -411,10 +463,16 @@ class _ThreadTimeout(CellTimeout):
         scope = next((scope for scope in stack if scope.raised > scope.delivered), None)
         if scope is not None:
             scope.delivered += 1
+            scope.landed = self
         super().__init__(scope.limit if scope is not None else 0.0, "signal", "raised")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (CellTimeout, (self.limit, self.mode, self.step, self.detail))
+
+
+# The code that enters and leaves scopes (``timeout`` adds its ``__enter__``/``__exit__``): a raise
+# that lands in it did not land in a block (see Scope._landed_outside).
+EDGES: set[Any] = {Scope.enter.__code__, Scope.exit.__code__, Scope._leave.__code__}
 
 
 def _current_task() -> asyncio.Task[Any] | None:

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .deadlines import CellTimeout, Scope, check_seconds
+from .deadlines import EDGES, CellTimeout, Scope, check_seconds
 
 if TYPE_CHECKING:
     from .cells import CompiledCell
@@ -104,6 +104,9 @@ class timeout:
     def expired(self) -> bool:
         """Whether the deadline has passed while the block ran."""
         return self._scope is not None and self._scope.expired
+
+
+EDGES.update({timeout.__enter__.__code__, timeout.__exit__.__code__})
 
 
 def _drop_handler_frame(tb: Any) -> None:

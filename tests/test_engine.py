@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -109,6 +111,71 @@ def test_a_deadline_never_fires_after_its_block_in_a_worker_thread() -> None:
     thread.start()
     thread.join(60)
     assert not thread.is_alive() and escaped == []
+
+
+def test_a_deadline_that_fires_while_its_scope_is_entered_or_left_ends_with_it() -> None:
+    """The race behind a CellTimeout that surfaced in a later job on the same thread, held open on
+    purpose: the engine fires (as it does at a deadline) at every line of the code that enters and
+    leaves a scope, each in its own worker thread, so its raise lands there. The block ends with
+    CellTimeout exactly when the scope was active; afterwards nothing more is raised into the thread
+    (the engine reminds 0.05 s after firing, then every second) and no active scope is left."""
+    import dis
+
+    from concur_magics.deadlines import EDGES
+
+    engine = Runtime.current().deadlines
+    points = [(code, line) for code in EDGES for line in sorted({line for _, line in dis.findlinestarts(code) if line})]
+    results: dict[tuple[object, int], dict[str, object]] = {}
+
+    def work(code: object, line: int) -> None:
+        seen = results[(code, line)] = {"fired": None, "ended": None, "later": [], "left": None}
+
+        def fire_there(frame: Any, event: str, arg: object) -> object:
+            if frame.f_code is not code:
+                return None
+            if event == "line" and frame.f_lineno >= line and seen["fired"] is None:
+                stack = engine.stacks.get(threading.get_ident())
+                if stack and stack[-1].lock.locked():
+                    return fire_there  # the engine would wait for the lock: fire at the next line
+                seen["fired"] = bool(stack and stack[-1].active)
+                if stack:  # what the engine's thread does at a deadline, from a thread of its own
+                    firing = threading.Thread(target=stack[-1]._fire)
+                    firing.start()
+                    firing.join(10)  # the raise lands in here, at this line of the traced code
+            return fire_there
+
+        sys.settrace(fire_there)
+        try:
+            with timeout(60, grace=0.05):
+                pass
+            seen["ended"] = "normally"
+        except CellTimeout:
+            seen["ended"] = "CellTimeout"
+        finally:
+            sys.settrace(None)
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
+            try:
+                time.sleep(0.01)
+            except BaseException as exc:  # noqa: BLE001 - that is the failure being tested for
+                seen["later"].append(exc)  # type: ignore[attr-defined]
+        seen["left"] = [scope for scope in engine.stacks.get(threading.get_ident(), []) if scope.active]
+        with timeout(60):  # the thread's next scope drops any retired one from its stack
+            pass
+        seen["stack"] = engine.stacks.get(threading.get_ident())
+
+    threads = [threading.Thread(target=work, args=point) for point in points]
+    for thread in threads:
+        thread.start()
+    until = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, until - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(points) > 30 and sum(seen["fired"] is True for seen in results.values()) >= 5
+    for (code, line), seen in results.items():
+        where = f"{code.co_qualname}, line {line}"  # type: ignore[attr-defined]
+        assert seen["ended"] == ("CellTimeout" if seen["fired"] else "normally"), where
+        assert seen["later"] == [] and seen["left"] == [] and seen["stack"] is None, where
 
 
 def test_nothing_is_left_behind_after_close(no_leaks: None) -> None:
