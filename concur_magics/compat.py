@@ -20,6 +20,7 @@ import inspect
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -99,6 +100,24 @@ def handled_exception(thread_id: int) -> BaseException | None:
     if isinstance(value, tuple):
         value = value[1]
     return value if isinstance(value, BaseException) else None
+
+
+def is_running_in(thread_id: int, frame: types.FrameType) -> bool:
+    """Whether ``frame`` is on ``thread_id``'s stack now (the function it belongs to has not
+    returned or unwound).
+
+    ``sys._current_frames()`` (CPython, documented; checked on 3.11-3.13). Missing on other
+    interpreters: True, so callers keep treating the frame as running.
+    """
+    current = getattr(sys, "_current_frames", None)
+    if current is None:  # pragma: no cover - not CPython
+        return True
+    running: types.FrameType | None = current().get(thread_id)
+    while running is not None:
+        if running is frame:
+            return True
+        running = running.f_back
+    return False
 
 
 def loop_thread_id(loop: asyncio.AbstractEventLoop) -> int | None:

@@ -21,11 +21,12 @@ signal that arrives late finds no active scope and does nothing.
 
 A raise requested just as the block ends is delivered at the interpreter's next check, which may be
 inside our own code that enters or leaves the scope (every Python function checks on entry).
-Leaving is therefore repeated until it is complete whatever lands in it (:meth:`Scope.exit`); and
-if the raise landed before leaving began (on the first instruction of ``__exit__``), so that the
-scope was never left, the engine sees where it landed before raising again and retires the scope
-instead (:meth:`Scope._landed_outside`). Nor is a thread that has ended ever raised into, whatever
-thread is later given its id.
+Leaving is therefore repeated until it is complete whatever lands in it (:meth:`Scope.exit`). And
+before raising again the engine makes sure the block is still running
+(:meth:`Scope._block_is_over`): if the raise landed before leaving could begin (on the first
+instruction of ``__exit__``), or CPython 3.13.0 carried it past the ``with`` statement without
+calling ``__exit__`` at all (python/cpython#139622), the scope is retired instead. A thread that has
+ended is never raised into, whatever thread is later given its id.
 Expiry is a state the scope checks on the way out: work that ran past its deadline without being
 stopped (C code holding the GIL, or code that caught the exception) fails there with
 ``CellTimeout`` too, so it never returns its value silently.
@@ -46,6 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from . import compat
@@ -301,6 +303,7 @@ class Scope:
         self.deadline = 0.0
         self.thread_id = 0
         self.thread: threading.Thread | None = None
+        self.owner: FrameType | None = None
         self.task: asyncio.Task[Any] | None = None
         self.landed: BaseException | None = None  # the last raise delivered into the thread
         self._entries: list[Entry] = []
@@ -311,10 +314,12 @@ class Scope:
     def error(self, step: str, detail: str = "") -> CellTimeout:
         return CellTimeout(self.limit, self.mode, step, detail)
 
-    def enter(self) -> None:
+    def enter(self, owner: FrameType | None = None) -> None:
+        """Start the clock; ``owner`` is the frame running the block (the ``with`` statement's)."""
         self.engine.start()  # before the clock starts: our set-up is not the user's time
         self.thread_id = threading.get_ident()
         self.thread = threading.current_thread()
+        self.owner = owner
         self.task = _current_task()
         # The caller's context: in ipykernel it carries the cell's parent header, so a notice
         # printed from the engine's thread appears in the cell being timed.
@@ -368,6 +373,7 @@ class Scope:
         entry; safe to repeat after an interruption at any point."""
         with self.lock:
             self.active = False
+        self.owner = None
         if self.raised > self.delivered:
             compat.absorb(self.engine.timeout_type)  # requested before we left; must not outlive us
         for entry in self._entries:
@@ -393,9 +399,9 @@ class Scope:
         with self.lock:
             if not self.active:
                 return
-            if self._landed_outside() or (self.thread is not None and not self.thread.is_alive()):
-                # The block is over (our raise ended it before __exit__ could start), or its thread
-                # has ended: retire the scope. Its thread drops it from its stack at its next scope.
+            if again and self._block_is_over():
+                # Our raise ended the block, yet __exit__ never left the scope: retire it. Its
+                # thread drops it from its stack when it next enters a scope.
                 self.active = False
                 return
             self.expired = True
@@ -414,9 +420,16 @@ class Scope:
         delay = REPEAT if self._noticed else self.grace
         self._entries.append(self.engine.call_at(time.monotonic() + delay, self._remind))
 
-    def _landed_outside(self) -> bool:
-        """Whether the last raise landed in the code that enters or leaves this very scope, not in
-        its block: then the block ended with it, even if the scope could not be left."""
+    def _block_is_over(self) -> bool:
+        """Whether the block ended without leaving the scope, which a raise can cause in two ways:
+        it landed in the code that enters or leaves this very scope (on the first instruction of
+        ``__exit__``, say), or CPython 3.13.0 delivered it past the handlers of the frame it landed
+        in, ``with`` included (python/cpython#139622), so the block's frame is gone. Or the thread
+        itself has ended."""
+        if self.thread is not None and not self.thread.is_alive():
+            return True
+        if self.task is None and self.owner is not None and not compat.is_running_in(self.thread_id, self.owner):
+            return True  # (a task's frame is off the stack whenever it awaits: not a sign there)
         tb = self.landed.__traceback__ if self.landed is not None else None
         while tb is not None:
             frame = tb.tb_frame
@@ -471,7 +484,7 @@ class _ThreadTimeout(CellTimeout):
 
 
 # The code that enters and leaves scopes (``timeout`` adds its ``__enter__``/``__exit__``): a raise
-# that lands in it did not land in a block (see Scope._landed_outside).
+# that lands in it did not land in a block (see Scope._block_is_over).
 EDGES: set[Any] = {Scope.enter.__code__, Scope.exit.__code__, Scope._leave.__code__}
 
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -83,7 +84,7 @@ class timeout:
 
         scope = self._scope = Scope(Runtime.current().deadlines, self.limit, grace=self.grace)
         try:
-            scope.enter()
+            scope.enter(owner=sys._getframe(1))
             return self
         except BaseException as exc:
             # A deadline of microseconds can pass while the scope is being entered: the block then

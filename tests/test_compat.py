@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import linecache
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -101,6 +102,27 @@ def test_handled_exception_sees_an_except_block_in_another_thread() -> None:
     finally:
         leave.set()
         thread.join(SOON)
+
+
+def test_is_running_in_sees_a_frame_on_another_threads_stack_until_it_returns() -> None:
+    inside, leave = threading.Event(), threading.Event()
+    frames: list[Any] = []
+
+    def block() -> None:
+        frames.append(sys._getframe())
+        inside.set()
+        leave.wait(SOON)
+
+    thread = threading.Thread(target=block)
+    thread.start()
+    try:
+        assert inside.wait(SOON)
+        assert compat.is_running_in(thread.ident, frames[0]) is True  # type: ignore[arg-type]
+        assert compat.is_running_in(threading.get_ident(), frames[0]) is False  # not this thread's
+    finally:
+        leave.set()
+        thread.join(SOON)
+    assert compat.is_running_in(thread.ident, frames[0]) is False  # type: ignore[arg-type]
 
 
 def test_loop_thread_id_names_the_thread_of_a_running_loop() -> None:

@@ -89,21 +89,34 @@ def test_the_engine_thread_leaves_when_idle_and_comes_back() -> None:
 
 def test_a_deadline_never_fires_after_its_block_in_a_worker_thread() -> None:
     """300 scopes in a tight loop in a thread, each ending right at its deadline: a raise requested
-    as the block ends must not surface in the code after it."""
+    as the block ends must not surface in the code after it, then or a second later.
+
+    The block is a function of its own: CPython 3.13.0 can deliver the raise past the handlers of
+    the frame it lands in (python/cpython#139622), ``with`` included, and only the caller's
+    ``except`` then sees it; the engine must still never raise again."""
     escaped: list[BaseException] = []
+
+    def one() -> None:
+        with timeout(1e-4):
+            end = time.monotonic() + 1e-4
+            while time.monotonic() < end:
+                pass
 
     def work() -> None:
         for _ in range(300):
             try:
-                with timeout(1e-4):
-                    end = time.monotonic() + 1e-4
-                    while time.monotonic() < end:
-                        pass
+                one()
             except CellTimeout:
                 pass
             try:
                 for _ in range(2000):  # plenty of bytecodes for a late raise to land in
                     pass
+            except BaseException as exc:  # noqa: BLE001 - that is the failure being tested for
+                escaped.append(exc)
+        until = time.monotonic() + 1.5  # the engine would raise again after 0.5 s, then every second
+        while time.monotonic() < until:
+            try:
+                time.sleep(0.01)
             except BaseException as exc:  # noqa: BLE001 - that is the failure being tested for
                 escaped.append(exc)
 
