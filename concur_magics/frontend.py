@@ -249,6 +249,10 @@ def python_kernelspec_dir(root: str) -> str:
     return root
 
 
+# How often running_kernel starts a kernel that exits as it starts (see there).
+START_TRIES = 3
+
+
 @contextmanager
 def running_kernel(
     kernel_name: str = "concur-python",
@@ -256,23 +260,44 @@ def running_kernel(
     env: dict[str, str] | None = None,
     startup_timeout: float = 60,
     kernel_dirs: list[str] | None = None,
+    **start_options: Any,
 ) -> Iterator[Kernel]:
     """Start a kernel (by default an ipykernel on this interpreter) and shut it down afterwards.
 
     The kernel gets its own ``IPYTHONDIR`` so a user's profile can't change what it does, and
     never pytest's ``PYTEST_CURRENT_TEST`` (ipykernel stops capturing file descriptors 1 and 2
     when it sees it, so a kernel started from a test would not behave as users' kernels do).
+
+    jupyter_client picks the kernel's five ports by binding and releasing them, and the kernel binds
+    them a moment later; if another process took one meanwhile (a Dask worker, another kernel
+    starting), the kernel exits at once ("Address already in use"). Such a kernel is started again
+    on new ports, up to ``START_TRIES`` times in all.
+
+    ``start_options`` go to ``KernelManager.start_kernel`` (``extra_arguments``,
+    ``transport_encryption``, ...).
     """
     with tempfile.TemporaryDirectory(prefix="concur-kernel-") as tmp:
         dirs = kernel_dirs if kernel_dirs is not None else [python_kernelspec_dir(tmp)]
         specs = KernelSpecManager(kernel_dirs=dirs, ensure_native_kernel=False)
-        manager = KernelManager(kernel_name=kernel_name, kernel_spec_manager=specs)
         kernel_env = {**os.environ, "IPYTHONDIR": os.path.join(tmp, "ipython"), **(env or {})}
         kernel_env.pop("PYTEST_CURRENT_TEST", None)
-        manager.start_kernel(env=kernel_env, cwd=os.getcwd())
-        kernel = Kernel(manager)
+        for attempt in range(1, START_TRIES + 1):
+            manager = KernelManager(kernel_name=kernel_name, kernel_spec_manager=specs)
+            manager.start_kernel(env=kernel_env, cwd=os.getcwd(), **start_options)
+            kernel = Kernel(manager)
+            try:
+                kernel.wait_ready(startup_timeout)
+                break
+            except RuntimeError:
+                died = not manager.is_alive()
+                kernel.shutdown()
+                manager.cleanup_resources()
+                if not died or attempt == START_TRIES:
+                    raise
+                print(f"concur_magics: the {kernel_name} kernel exited as it started (a port taken "
+                      "between jupyter_client choosing it and the kernel binding it?); starting it "
+                      "again on new ports", file=sys.stderr)
         try:
-            kernel.wait_ready(startup_timeout)
             yield kernel
         finally:
             kernel.shutdown()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -205,3 +207,37 @@ def test_it_binds_only_where_the_connection_file_says(demo: Kernel) -> None:
     listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(demo.pid).net_connections("inet")
                  if c.status == psutil.CONN_LISTEN}
     assert listening == {(info["ip"], port) for port in wanted}
+
+
+# A kernelspec whose kernel exits at once (as one whose port was taken does) on the first N starts,
+# counted in a file, then runs an ipykernel.
+FLAKY_START = """
+import os, sys
+count, limit, connection_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+started = len(open(count).read()) if os.path.exists(count) else 0
+open(count, "a").write("x")
+if started < limit:
+    sys.exit("Address already in use (a stand-in)")
+os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file])
+"""
+
+
+def _flaky_spec(root: Path, failures: int) -> str:
+    spec = root / "flaky"
+    spec.mkdir()
+    argv = [sys.executable, "-c", FLAKY_START, str(root / "starts"), str(failures), "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "flaky", "language": "python"}))
+    return str(root)
+
+
+def test_a_kernel_that_exits_as_it_starts_is_started_again(tmp_path: Path) -> None:
+    with running_kernel("flaky", kernel_dirs=[_flaky_spec(tmp_path, failures=2)], startup_timeout=30) as kernel:
+        assert value(kernel, "6 * 7") == "42"
+    assert (tmp_path / "starts").read_text() == "xxx"  # two that exited, the third runs
+
+
+def test_a_kernel_that_never_starts_fails_after_three_tries(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="Kernel died before replying"):
+        with running_kernel("flaky", kernel_dirs=[_flaky_spec(tmp_path, failures=99)], startup_timeout=30):
+            pass
+    assert (tmp_path / "starts").read_text() == "xxx"

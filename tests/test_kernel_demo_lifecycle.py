@@ -16,11 +16,10 @@ from typing import Any
 import psutil
 import pytest
 import zmq
-from jupyter_client import BlockingKernelClient, KernelManager
-from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client import BlockingKernelClient
 from jupyter_client.session import Session
 
-from concur_magics.frontend import Kernel
+from concur_magics.frontend import Kernel, running_kernel
 
 # ------------------------------------------------------------------ dies with its frontend
 
@@ -81,20 +80,40 @@ def _gone(process: psutil.Process) -> bool:
         return True
 
 
+def _launch(how: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], psutil.Process, BlockingKernelClient, Path]:
+    """Start ``how``'s launcher; return it, its kernel, a ready client and the launcher's stderr.
+
+    The ports in a connection file are picked by binding and releasing them; if another process
+    takes one before the kernel binds it, the kernel exits as it starts. That kernel is launched
+    again (three tries in all), each try in a directory of its own."""
+    for attempt in range(1, 4):
+        scratch = tmp_path / f"try{attempt}"
+        scratch.mkdir()
+        stderr = scratch / "stderr.txt"
+        env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(scratch))
+        with stderr.open("w") as err:
+            launcher = subprocess.Popen([*LAUNCHERS[how], str(scratch)], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        client = BlockingKernelClient()
+        try:
+            kernel = _kernel_under(launcher)
+            client.load_connection_file(kernel.cmdline()[kernel.cmdline().index("-f") + 1])
+            client.start_channels()
+            client.wait_for_ready(timeout=30)
+            return launcher, kernel, client, stderr
+        except (RuntimeError, psutil.NoSuchProcess):
+            client.stop_channels()
+            launcher.kill()
+            launcher.wait(timeout=10)
+            if attempt == 3:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.parametrize("how", list(LAUNCHERS))
 def test_the_kernel_exits_when_its_launcher_is_killed(how: str, tmp_path: Path) -> None:
-    stderr = tmp_path / "stderr.txt"
-    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
-    with stderr.open("w") as err:
-        launcher = subprocess.Popen([*LAUNCHERS[how], str(tmp_path)], env=env, stdout=subprocess.DEVNULL, stderr=err)
-    kernel = None
+    launcher, kernel, client, stderr = _launch(how, tmp_path)
     try:
-        kernel = _kernel_under(launcher)
-        client = BlockingKernelClient()
-        client.load_connection_file(kernel.cmdline()[kernel.cmdline().index("-f") + 1])
-        client.start_channels()
         try:
-            client.wait_for_ready(timeout=30)
             client.execute("while True: pass")  # the kernel must notice even while a cell computes
             time.sleep(0.5)
             # While its launcher lives, the kernel serves (on control: shell is busy with the cell).
@@ -117,25 +136,16 @@ def test_the_kernel_exits_when_its_launcher_is_killed(how: str, tmp_path: Path) 
     finally:
         launcher.kill()
         launcher.wait(timeout=10)
-        if kernel is not None:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                kernel.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kernel.kill()
 
 
 # ------------------------------------------------------------------ kernels started here
 
 
-@contextlib.contextmanager
-def started(spec_dir: str, *, extra_arguments: list[str] | None = None, **options: Any) -> Iterator[Kernel]:
+def started(spec_dir: str, **options: Any) -> contextlib.AbstractContextManager[Kernel]:
     """Start the demo kernel from its kernelspec with these start_kernel options; shut it down after."""
-    manager = KernelManager(kernel_name="kernel_demo", kernel_spec_manager=KernelSpecManager(kernel_dirs=[spec_dir]))
-    manager.start_kernel(extra_arguments=extra_arguments or [], **options)
-    kernel = Kernel(manager)
-    try:
-        kernel.wait_ready(30)
-        yield kernel
-    finally:
-        kernel.shutdown()
+    return running_kernel("kernel_demo", kernel_dirs=[spec_dir], startup_timeout=30, **options)
 
 
 @pytest.fixture(scope="module")
