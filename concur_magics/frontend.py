@@ -147,7 +147,8 @@ class Kernel:
 
     def wait(self, cell: Cell, timeout: float = 60) -> Cell:
         """Wait for ``cell``'s reply and its idle status."""
-        self.wait_until(lambda: cell.idle and cell.reply is not None, timeout, f"cell {cell.code!r}")
+        code = cell.code if len(cell.code) <= 300 else f"{cell.code[:150]}...{cell.code[-150:]}"
+        self.wait_until(lambda: cell.idle and cell.reply is not None, timeout, f"cell {code!r}")
         return cell
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:

@@ -179,6 +179,7 @@ class Executor:
         self.history = History()
         self.latest: dict[str, Any] | None = None  # the request of the cell that started last
         self.in_user_code = False
+        self.interrupt_pending = False  # an interrupt came as the cell started: raised on entering its code
         self.live: tuple[str, dict[str, Any]] | None = None  # %dispatch --live: display id, parent
         self.namespace: dict[str, Any] = {
             "__name__": "__main__", "__builtins__": builtins,
@@ -277,6 +278,9 @@ class Executor:
             compiled = compile(node, self._filename(), mode, flags=_AWAIT, dont_inherit=True)
             self.in_user_code = True
             try:
+                if self.interrupt_pending:
+                    self.interrupt_pending = False
+                    raise KeyboardInterrupt
                 result = eval(compiled, self.namespace)
                 if compiled.co_flags & inspect.CO_COROUTINE:
                     result = await result

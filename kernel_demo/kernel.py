@@ -34,7 +34,7 @@ from typing import Any, cast
 
 import zmq
 from jupyter_client.session import Session
-from tornado.ioloop import IOLoop
+from tornado.ioloop import IOLoop, PeriodicCallback
 from zmq.eventloop.zmqstream import ZMQStream
 
 from . import handlers
@@ -217,6 +217,7 @@ class Kernel:
     def _cell_finished(self, msg: dict[str, Any], record: Record) -> None:
         self._finished(msg, record)
         self.execution = None
+        self.executor.interrupt_pending = False  # it came after the cell's code: the cell is over
         if self.queued:  # the next cell's turn
             idents, queued, queued_record = self.queued.pop(0)
             self._handle("shell", self.shell_stream, idents, queued, queued_record)
@@ -313,8 +314,11 @@ class Kernel:
     def _on_sigint(self, signum: int, frame: Any) -> None:
         """SIGINT (or an interrupt_request): stop the running cell, never the kernel's own loop."""
         task = self.execution
-        if task is None or not self.executor.in_user_code:
-            return  # idle, or in our own code: nothing of the user's to stop
+        if task is None:
+            return  # idle: nothing of the user's to stop
+        if not self.executor.in_user_code:
+            self.executor.interrupt_pending = True  # the cell's code has not started: stop it as it does
+            return
         if asyncio.current_task(self.loop.asyncio_loop) is task:  # type: ignore[attr-defined]
             if self.iopub_sender == threading.get_ident():
                 # The cell prints or displays: stopping it between the frames of a message would
@@ -335,8 +339,10 @@ class Kernel:
 
     def _on_parent_gone(self, reason: str) -> None:
         """The launcher died without a shutdown_request: shut down as if it had sent one."""
-        if self.execution is not None:
-            self.interrupt()  # a running cell would keep the main loop from stopping
+        # A running cell would keep the main loop from stopping, and so would one that starts before
+        # the loop gets to stop (its request already read): interrupt whatever cell runs until then.
+        PeriodicCallback(self._interrupt_any, 100).start()
+        self._interrupt_any()
         self.stop()
         # A cell that ignores the interrupt must not keep an orphan alive. We are on the control
         # loop, which runs while the main thread is stuck; a shutdown that gets through stops it first.
@@ -345,6 +351,10 @@ class Kernel:
             print(f"kernel_demo: {reason}; shutting down", file=sys.__stderr__, flush=True)
         except (OSError, ValueError, AttributeError):
             pass  # ...which may have died with the launcher (a closed terminal: EIO)
+
+    def _interrupt_any(self) -> None:
+        if self.execution is not None:
+            self.interrupt()
 
     def start(self) -> None:
         self.control_thread.call(self.parent_watch.start)  # exit with the launcher, from now on

@@ -125,6 +125,21 @@ def test_interrupt_stops_a_cell_and_shows_only_the_users_code(demo: Kernel, how:
     assert run(demo, "'still here'").results[-1]["text/plain"] == "'still here'"
 
 
+def test_an_interrupt_sent_as_a_cell_starts_is_not_lost(demo: Kernel) -> None:
+    """Interrupt the moment the cell's busy status arrives, ten times. The cell is long (20,000
+    lines take the kernel tens of milliseconds to compile), so the interrupt lands before its code
+    has started, and must stop it as soon as it starts."""
+    code = "x = 0\n" * 20_000 + "while True:\n    pass"
+    for _ in range(10):
+        cell = demo.execute(code, wait=False)
+        demo.wait_until(lambda: any(m["parent_header"].get("msg_id") == cell.msg_id and m["msg_type"] == "status"
+                                    for m in demo.messages), 10, "busy")
+        demo.manager.interrupt_kernel()
+        demo.wait(cell, timeout=10)
+        assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt"
+    assert run(demo, "'still here'").results[-1]["text/plain"] == "'still here'"
+
+
 def test_input_round_trip(demo: Kernel) -> None:
     cell = demo.execute("name = input('name? ')\nprint('hello', name)", wait=False, allow_stdin=True)
     request = demo.client.get_stdin_msg(timeout=10)
