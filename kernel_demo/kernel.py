@@ -23,6 +23,7 @@ device echoing on its own thread.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import os
 import signal
@@ -346,11 +347,23 @@ class Kernel:
         self.stop()
         # A cell that ignores the interrupt must not keep an orphan alive. We are on the control
         # loop, which runs while the main thread is stuck; a shutdown that gets through stops it first.
-        IOLoop.current().call_later(5, os._exit, 1)
+        IOLoop.current().call_later(5, self._backstop)
         try:  # to the terminal or log the kernel was started with (sys.stderr goes to cells)...
             print(f"kernel_demo: {reason}; shutting down", file=sys.__stderr__, flush=True)
         except (OSError, ValueError, AttributeError):
             pass  # ...which may have died with the launcher (a closed terminal: EIO)
+
+    @staticmethod
+    def _backstop() -> None:
+        """Still running 5 s after the launcher died: say where each thread is, and exit."""
+        try:
+            if sys.__stderr__ is not None:
+                print("kernel_demo: still running 5 s after shutting down began; exiting now. Where "
+                      "each thread was:", file=sys.__stderr__, flush=True)
+                faulthandler.dump_traceback(file=sys.__stderr__.fileno(), all_threads=True)
+        except (OSError, ValueError, AttributeError, RuntimeError):
+            pass  # no terminal left to say it on
+        os._exit(1)
 
     def _interrupt_any(self) -> None:
         if self.execution is not None:
