@@ -359,7 +359,7 @@ class Scope:
             raise interrupted
         late = time.monotonic() - self.deadline
         if isinstance(exc, asyncio.CancelledError) and self.step == "cancelled":
-            if self.task is not None and sys.version_info >= (3, 11):
+            if self.task is not None:
                 self.task.uncancel()
             return self.error("cancelled")
         if isinstance(exc, CellTimeout):
