@@ -34,7 +34,10 @@ def main() -> None:
             print("completed while the cell awaited:", matches, "| cell replied yet:", busy.reply is not None)
             kernel.wait(busy, timeout=30)
             print("the cell's value:", busy.results[-1]["text/plain"])
-            trace = kernel.execute("%dispatch 8")
+            # The last five records are this script's own requests. Before them come the
+            # kernel_info_requests that wait_for_ready() sent (one, or more on a busy machine):
+            # `%dispatch 20` shows those too.
+            trace = kernel.execute("%dispatch 5")
             print()
             print(trace.results[0]["text/plain"])  # the table; the records are in the same output, as data
 

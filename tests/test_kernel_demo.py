@@ -300,7 +300,9 @@ def test_trace_file_and_empty_key_warning(tmp_path: Any) -> None:
 
             client = BlockingKernelClient()
             client.load_connection_info(connection)
-            client.start_channels()
+            # Ready when kernel_info is answered. (With the heartbeat channel, jupyter_client would
+            # call a kernel that takes over a second to start, on a busy machine, dead.)
+            client.start_channels(hb=False)
             try:
                 client.wait_for_ready(timeout=30)
                 client.kernel_info(reply=True, timeout=5)

@@ -97,7 +97,9 @@ def _launch(how: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], psutil.P
         try:
             kernel = _kernel_under(launcher)
             client.load_connection_file(kernel.cmdline()[kernel.cmdline().index("-f") + 1])
-            client.start_channels()
+            # Ready when kernel_info is answered. (With the heartbeat channel, jupyter_client would
+            # call a kernel that takes over a second to start, on a busy machine, dead.)
+            client.start_channels(hb=False)
             client.wait_for_ready(timeout=30)
             return launcher, kernel, client, stderr
         except (RuntimeError, psutil.NoSuchProcess):
@@ -290,6 +292,10 @@ def test_an_encrypted_kernel_serves_its_client(encrypted: Kernel) -> None:
         assert _answers(hb, [b"ping"], 5000) and hb.recv() == b"ping"
     finally:
         hb.close()
+    # jupyter_client's own heartbeat channel pings once a second; give it a few on a busy machine.
+    beating_by = time.monotonic() + 10
+    while not encrypted.client.hb_channel.is_beating() and time.monotonic() < beating_by:
+        time.sleep(0.1)
     assert encrypted.client.hb_channel.is_beating()
     # Interrupt over the (encrypted) control channel.
     cell = encrypted.execute("while True: pass", wait=False)
