@@ -27,7 +27,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-from concur_magics.frontend import python_kernelspec_dir
+from concur_magics.frontend import START_TRIES, python_kernelspec_dir
 
 __all__ = ["EXAMPLES", "NOTEBOOKS", "code_sha256", "execute", "leaks", "refresh"]
 
@@ -97,6 +97,19 @@ def execute(notebook: Any, *, timeout: float = 60) -> None:
         If a cell runs longer than ``timeout`` seconds.
     """
     os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
+    for attempt in range(1, START_TRIES + 1):
+        try:
+            _execute_once(notebook, timeout)
+            return
+        except RuntimeError as exc:
+            # The kernel exited as it started, before any cell ran (a port taken between
+            # jupyter_client choosing it and the kernel binding it: see running_kernel).
+            if "died before replying" not in str(exc) or attempt == START_TRIES:
+                raise
+            print(f"the kernel exited as it started ({exc}); starting another", file=sys.stderr)
+
+
+def _execute_once(notebook: Any, timeout: float) -> None:
     with tempfile.TemporaryDirectory(prefix="concur-examples-") as tmp:
         spec_dirs = [python_kernelspec_dir(tmp)]
         specs = KernelSpecManager(kernel_dirs=spec_dirs, ensure_native_kernel=False)

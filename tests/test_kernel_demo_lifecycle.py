@@ -111,61 +111,57 @@ def _launch(how: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], psutil.P
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize("how", list(LAUNCHERS))
-def test_the_kernel_exits_when_its_launcher_is_killed(how: str, tmp_path: Path) -> None:
+def _orphaned(launcher: subprocess.Popen[bytes], kernel: psutil.Process, within: float) -> float:
+    """Kill the launcher; return how many seconds its kernel ran on (``within`` at most)."""
+    launcher.kill()
+    launcher.wait(timeout=10)
+    killed = time.monotonic()
+    while not _gone(kernel) and time.monotonic() - killed < within:
+        time.sleep(0.01)
+    return time.monotonic() - killed
+
+
+@contextlib.contextmanager
+def _launched(how: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], psutil.Process, BlockingKernelClient, Path]]:
+    """``_launch``, then stop the client and kill whatever is left of launcher and kernel."""
     launcher, kernel, client, stderr = _launch(how, tmp_path)
     try:
-        try:
-            client.execute("while True: pass")  # the kernel must notice even while a cell computes
-            time.sleep(0.5)
-            # While its launcher lives, the kernel serves (on control: shell is busy with the cell).
-            client.control_channel.send(client.session.msg("kernel_info_request"))
-            assert client.get_control_msg(timeout=5)["content"]["status"] == "ok"
-            launcher.kill()
-            launcher.wait(timeout=10)
-            killed = time.monotonic()
-            while not _gone(kernel) and time.monotonic() - killed < 10:
-                time.sleep(0.01)
-            exited_after = time.monotonic() - killed
-        finally:
-            client.stop_channels()
+        yield launcher, kernel, client, stderr
+    finally:
+        client.stop_channels()
+        launcher.kill()
+        launcher.wait(timeout=10)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            kernel.kill()
+
+
+@pytest.mark.parametrize("how", list(LAUNCHERS))
+def test_the_kernel_exits_when_its_launcher_is_killed(how: str, tmp_path: Path) -> None:
+    with _launched(how, tmp_path) as (launcher, kernel, client, stderr):
+        client.execute("while True: pass")  # the kernel must notice even while a cell computes
+        time.sleep(0.5)
+        # While its launcher lives, the kernel serves (on control: shell is busy with the cell).
+        client.control_channel.send(client.session.msg("kernel_info_request"))
+        assert client.get_control_msg(timeout=5)["content"]["status"] == "ok"
+        exited_after = _orphaned(launcher, kernel, within=10)
         # Well under the 5 s after which the kernel would end itself with os._exit: it shut down
         # cleanly (stopping the running cell). Pidfds take milliseconds; polling up to 1 s.
         log = stderr.read_text()
         assert exited_after < 4, f"the kernel still ran {exited_after:.1f} s after its launcher was killed:\n{log}"
         assert "Traceback" not in log, log
         assert ("exited; shutting down" in log) == (how != "stderr gone too"), log
-    finally:
-        launcher.kill()
-        launcher.wait(timeout=10)
-        with contextlib.suppress(psutil.NoSuchProcess):
-            kernel.kill()
 
 
 def test_a_cell_that_swallows_the_interrupt_keeps_an_orphan_alive_5_s_at_most(tmp_path: Path) -> None:
-    launcher, kernel, client, stderr = _launch("Popen", tmp_path)
-    try:
-        try:
-            client.execute("import time\nwhile True:\n    try:\n        time.sleep(1)\n    except KeyboardInterrupt:\n        pass")
-            time.sleep(0.5)
-            launcher.kill()
-            launcher.wait(timeout=10)
-            killed = time.monotonic()
-            while not _gone(kernel) and time.monotonic() - killed < 15:
-                time.sleep(0.01)
-            exited_after = time.monotonic() - killed
-        finally:
-            client.stop_channels()
+    with _launched("Popen", tmp_path) as (launcher, kernel, client, stderr):
+        client.execute("import time\nwhile True:\n    try:\n        time.sleep(1)\n    except KeyboardInterrupt:\n        pass")
+        time.sleep(0.5)
+        exited_after = _orphaned(launcher, kernel, within=15)
         log = stderr.read_text()
         assert 4.5 < exited_after < 10, (exited_after, log)
         # It says why, and where each thread was: the main one in the user's cell.
         assert "still running 5 s after shutting down began" in log, log
         assert 'File "<cell 1>", line 4' in log, log
-    finally:
-        launcher.kill()
-        launcher.wait(timeout=10)
-        with contextlib.suppress(psutil.NoSuchProcess):
-            kernel.kill()
 
 
 # ------------------------------------------------------------------ kernels started here
