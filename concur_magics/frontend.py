@@ -271,8 +271,9 @@ def running_kernel(
 
     jupyter_client picks the kernel's five ports by binding and releasing them, and the kernel binds
     them a moment later; if another process took one meanwhile (a Dask worker, another kernel
-    starting), the kernel exits at once ("Address already in use"). Such a kernel is started again
-    on new ports, up to ``START_TRIES`` times in all.
+    starting), the kernel fails ("Address already in use") and exits, or hangs as it exits. A
+    kernel that exits or does not answer within ``startup_timeout`` is killed and started again on
+    new ports, up to ``START_TRIES`` times in all.
 
     ``start_options`` go to ``KernelManager.start_kernel`` (``extra_arguments``,
     ``transport_encryption``, ...).
@@ -290,14 +291,16 @@ def running_kernel(
                 kernel.wait_ready(startup_timeout)
                 break
             except RuntimeError:
-                died = not manager.is_alive()
+                what = "exited as it started" if not manager.is_alive() else f"did not answer within {startup_timeout:g} s"
+                if manager.has_kernel:
+                    manager.shutdown_kernel(now=True)  # one that lost a port can hang as it exits
                 kernel.shutdown()
                 manager.cleanup_resources()
-                if not died or attempt == START_TRIES:
+                if attempt == START_TRIES:
                     raise
-                print(f"concur_magics: the {kernel_name} kernel exited as it started (a port taken "
-                      "between jupyter_client choosing it and the kernel binding it?); starting it "
-                      "again on new ports", file=sys.stderr)
+                print(f"concur_magics: the {kernel_name} kernel {what} (a port taken between "
+                      "jupyter_client choosing it and the kernel binding it?); starting it again on "
+                      "new ports", file=sys.stderr)
         try:
             yield kernel
         finally:

@@ -213,27 +213,32 @@ def test_it_binds_only_where_the_connection_file_says(demo: Kernel) -> None:
 # counted in a file, then runs an ipykernel.
 FLAKY_START = """
 import os, sys
-count, limit, connection_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+import time
+count, limit, connection_file, how = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 started = len(open(count).read()) if os.path.exists(count) else 0
 open(count, "a").write("x")
+if started < limit and how == "hangs":
+    time.sleep(600)  # as a kernel that lost a port can hang in its exit
 if started < limit:
     sys.exit("Address already in use (a stand-in)")
 os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file])
 """
 
 
-def _flaky_spec(root: Path, failures: int) -> str:
+def _flaky_spec(root: Path, failures: int, how: str = "exits") -> str:
     spec = root / "flaky"
     spec.mkdir()
-    argv = [sys.executable, "-c", FLAKY_START, str(root / "starts"), str(failures), "{connection_file}"]
+    argv = [sys.executable, "-c", FLAKY_START, str(root / "starts"), str(failures), "{connection_file}", how]
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "flaky", "language": "python"}))
     return str(root)
 
 
-def test_a_kernel_that_exits_as_it_starts_is_started_again(tmp_path: Path) -> None:
-    with running_kernel("flaky", kernel_dirs=[_flaky_spec(tmp_path, failures=2)], startup_timeout=30) as kernel:
+@pytest.mark.parametrize("how", ["exits", "hangs"])
+def test_a_kernel_that_exits_or_hangs_as_it_starts_is_started_again(tmp_path: Path, how: str) -> None:
+    spec = _flaky_spec(tmp_path, failures=2, how=how)
+    with running_kernel("flaky", kernel_dirs=[spec], startup_timeout=5 if how == "hangs" else 30) as kernel:
         assert value(kernel, "6 * 7") == "42"
-    assert (tmp_path / "starts").read_text() == "xxx"  # two that exited, the third runs
+    assert (tmp_path / "starts").read_text() == "xxx"  # two that failed, the third runs
 
 
 def test_a_kernel_that_never_starts_fails_after_three_tries(tmp_path: Path) -> None:
