@@ -159,6 +159,12 @@ class Kernel:
         self.control_stream = control_stream
         self.shell_stream = ZMQStream(self.shell_socket, self.loop)
         self.shell_stream.on_recv(self._on_shell, copy=False)
+        # The heartbeat's proxy is stopped by a TERMINATE on this pair (closing its socket from
+        # another thread would not wake it).
+        self.hb_control = self.context.socket(zmq.PAIR)
+        self.hb_control.bind(f"inproc://kernel-demo-heartbeat-{id(self)}")
+        self.hb_stop = self.context.socket(zmq.PAIR)
+        self.hb_stop.connect(f"inproc://kernel-demo-heartbeat-{id(self)}")
         self.hb_thread = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         self.hb_thread.start()
         self.parent_watch = ParentWatch(self._on_parent_gone)
@@ -334,7 +340,8 @@ class Kernel:
 
     def _heartbeat(self) -> None:
         try:
-            zmq.proxy(self.hb_socket, self.hb_socket)  # each ping goes straight back
+            # Each ping goes straight back, until TERMINATE arrives on the control pair.
+            zmq.proxy_steerable(self.hb_socket, self.hb_socket, None, self.hb_control)
         except zmq.ContextTerminated:
             pass
 
@@ -386,8 +393,9 @@ class Kernel:
         self.control_thread.stop()
         self.iopub_thread.stop()
         self.trace.close()
-        self.context.destroy(linger=1000)
+        self.hb_stop.send(b"TERMINATE")  # the proxy returns; then its sockets can close
         self.hb_thread.join(5)
+        self.context.destroy(linger=1000)
 
 
 def main(connection_file: str, trace_file: str | None = None) -> None:
