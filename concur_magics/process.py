@@ -136,6 +136,12 @@ class Children:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            # A child is registered as soon as it is forked and leads its own group a moment later;
+            # killed in between, it has no group yet. Unreaped, its pid is still ours to signal.
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             try:
                 _, status = os.waitpid(pid, 0)
             except ChildProcessError:

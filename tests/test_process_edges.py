@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import threading
 import time
 
 import psutil
@@ -79,6 +81,30 @@ def test_children_registry_holds_the_child_while_it_runs_and_kill_all_stops_it(f
     assert fresh_kernel.children() == []
     # No module-level registry is left to share between shells.
     assert value(fresh_kernel, "[hasattr(process, n) for n in ('kill_all', '_live')]") == "[False, False]"
+
+
+def test_kill_stops_a_child_that_is_not_yet_its_group_leader() -> None:
+    # run_in_child registers the child as soon as fork returns; the child becomes its own group
+    # leader a moment later. kill_all() from another thread in between must still kill it, not
+    # wait for it to end (it used to signal the group, which did not exist yet, then wait).
+    from concur_magics.process import Children
+
+    child = subprocess.Popen(["sleep", "60"])  # in our own process group, as a just-forked child is
+    children = Children()
+    children.add(child.pid)
+    started = time.monotonic()
+    ended: list[str | None] = []
+    killer = threading.Thread(target=lambda: ended.append(children.kill(child.pid)))
+    killer.start()
+    killer.join(GONE_WITHIN)
+    took, hung = time.monotonic() - started, killer.is_alive()
+    if hung:
+        child.kill()
+        killer.join(GONE_WITHIN)
+    child.wait(GONE_WITHIN)  # already reaped by kill(): this only tells Popen so
+    assert not hung, f"kill() still waited after {took:.1f} s"
+    assert ended == ["killed by SIGKILL"]
+    assert len(children) == 0
 
 
 def test_the_owner_holds_one_registry_and_unload_kills_through_it(fresh_kernel: Kernel) -> None:
