@@ -134,6 +134,10 @@ def _pick_signal() -> int:
 SIGNUM = _pick_signal()
 
 
+def _nothing() -> None:
+    """What a cancelled :class:`Entry` calls: nothing."""
+
+
 class Entry:
     """A call the engine will make at a monotonic time, unless cancelled first."""
 
@@ -206,6 +210,7 @@ class Engine:
             if entry.cancelled:
                 return
             entry.cancelled = True
+            entry.fn = _nothing  # the call may hold a scope, its task and frames: let them go now
             self._cancelled += 1
             if self._cancelled > 64 and self._cancelled * 2 > len(self._heap):
                 self._heap = [item for item in self._heap if not item[2].cancelled]
@@ -237,12 +242,12 @@ class Engine:
                 if due is None:
                     self._thread = None
                     return
-            if due.cancelled:
-                continue
+                fn = due.fn  # read under the lock: cancel() replaces it
             try:
-                due.fn()
+                fn()
             except Exception as exc:  # noqa: BLE001 - one bad call must not stop every deadline
                 print(f"concur_magics: a deadline callback failed: {exc!r}", file=sys.stderr)
+            del fn, due  # hold nothing of the call (its scope, frames) while waiting for the next
 
     def _next_due(self) -> Entry | None:
         """Wait (holding the condition) for the next entry that is due; None means leave."""
@@ -385,6 +390,7 @@ class Scope:
             stack.remove(self)
         if not stack:
             self.engine.stacks.pop(self.thread_id, None)
+        self.landed = None  # its traceback holds the block's frames, and they hold this scope
 
     # ------------------------------------------------------------------ engine side
     def _cancel_task(self) -> None:
@@ -430,7 +436,8 @@ class Scope:
             return True
         if self.task is None and self.owner is not None and not compat.is_running_in(self.thread_id, self.owner):
             return True  # (a task's frame is off the stack whenever it awaits: not a sign there)
-        tb = self.landed.__traceback__ if self.landed is not None else None
+        landed = self.landed  # read once: the thread may be leaving, which clears it
+        tb = landed.__traceback__ if landed is not None else None
         while tb is not None:
             frame = tb.tb_frame
             if frame.f_code in EDGES:

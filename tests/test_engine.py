@@ -4,10 +4,12 @@ properties over many random inputs (hypothesis), and nothing left behind."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import psutil
@@ -189,6 +191,35 @@ def test_a_deadline_that_fires_while_its_scope_is_entered_or_left_ends_with_it()
         where = f"{code.co_qualname}, line {line}"  # type: ignore[attr-defined]
         assert seen["ended"] == ("CellTimeout" if seen["fired"] else "normally"), where
         assert seen["later"] == [] and seen["left"] == [] and seen["stack"] is None, where
+
+
+def test_a_scope_that_fired_is_freed_with_its_block_without_the_garbage_collector() -> None:
+    """Nothing keeps a scope once its block has ended: not the engine's cancelled calls (kept in
+    its heap until due, a reminder half a second away, a deadline of 1e10 s for ever), not the
+    engine thread while it waits for the next call. A scope holds its task and what the deadline
+    raised (whose traceback holds frames), so holding it would hold those too."""
+    freed: list[bool] = []
+
+    def work() -> None:
+        block = timeout(0.01)
+        try:
+            with block:
+                while True:
+                    pass
+        except CellTimeout:
+            pass
+        scope = weakref.ref(block._scope)
+        del block
+        freed.append(scope() is None)
+
+    gc.disable()
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(30)
+    finally:
+        gc.enable()
+    assert not thread.is_alive() and freed == [True]
 
 
 def test_nothing_is_left_behind_after_close(no_leaks: None) -> None:
