@@ -276,7 +276,7 @@ def running_kernel(
     new ports, up to ``START_TRIES`` times in all.
 
     ``start_options`` go to ``KernelManager.start_kernel`` (``extra_arguments``,
-    ``transport_encryption``, ...).
+    ``transport_encryption``, ``cwd`` (the current directory by default), ``stderr``, ...).
     """
     with tempfile.TemporaryDirectory(prefix="concur-kernel-") as tmp:
         dirs = kernel_dirs if kernel_dirs is not None else [python_kernelspec_dir(tmp)]
@@ -285,7 +285,7 @@ def running_kernel(
         kernel_env.pop("PYTEST_CURRENT_TEST", None)
         for attempt in range(1, START_TRIES + 1):
             manager = KernelManager(kernel_name=kernel_name, kernel_spec_manager=specs)
-            manager.start_kernel(env=kernel_env, cwd=os.getcwd(), **start_options)
+            manager.start_kernel(**{"env": kernel_env, "cwd": os.getcwd(), **start_options})
             kernel = Kernel(manager)
             try:
                 kernel.wait_ready(startup_timeout)

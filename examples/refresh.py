@@ -23,11 +23,9 @@ import time
 from typing import Any
 
 import nbformat
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-from concur_magics.frontend import START_TRIES, python_kernelspec_dir
+from concur_magics.frontend import running_kernel
 
 __all__ = ["EXAMPLES", "NOTEBOOKS", "code_sha256", "execute", "leaks", "refresh"]
 
@@ -89,6 +87,10 @@ def leaks(notebook: Any) -> list[str]:
 def execute(notebook: Any, *, timeout: float = 60) -> None:
     """Run ``notebook`` in place in a new kernel, from ``examples/``; raise on a cell's error.
 
+    The kernel is started by :func:`concur_magics.frontend.running_kernel` (its own IPython
+    directory, so no user's profile changes what the notebook shows; started again on new ports if
+    it loses one as it starts); nbclient runs the cells through a client of its own.
+
     Raises
     ------
     nbclient.exceptions.CellExecutionError
@@ -97,40 +99,21 @@ def execute(notebook: Any, *, timeout: float = 60) -> None:
         If a cell runs longer than ``timeout`` seconds.
     """
     os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
-    for attempt in range(1, START_TRIES + 1):
-        try:
-            _execute_once(notebook, timeout)
-            return
-        except RuntimeError as exc:
-            # The kernel exited as it started, before any cell ran (a port taken between
-            # jupyter_client choosing it and the kernel binding it: see running_kernel).
-            if "died before replying" not in str(exc) or attempt == START_TRIES:
-                raise
-            print(f"the kernel exited as it started ({exc}); starting another", file=sys.stderr)
-
-
-def _execute_once(notebook: Any, timeout: float) -> None:
-    with tempfile.TemporaryDirectory(prefix="concur-examples-") as tmp:
-        spec_dirs = [python_kernelspec_dir(tmp)]
-        specs = KernelSpecManager(kernel_dirs=spec_dirs, ensure_native_kernel=False)
-        manager = KernelManager(kernel_name="concur-python", kernel_spec_manager=specs)
-        # An IPython directory of its own, so no user's profile changes what the notebook shows;
-        # no PYTEST_CURRENT_TEST, with which ipykernel would not capture file descriptors 1 and 2.
-        env = {**os.environ, "IPYTHONDIR": os.path.join(tmp, "ipython")}
-        env.pop("PYTEST_CURRENT_TEST", None)
+    # The kernel's own log (ipykernel's start-up warnings) is shown only if the run fails.
+    with tempfile.TemporaryFile("w+") as log, running_kernel(cwd=str(EXAMPLES), stderr=log) as kernel:
         client = NotebookClient(
-            notebook, km=manager, timeout=timeout, startup_timeout=60, record_timing=False,
+            notebook, km=kernel.manager, timeout=timeout, startup_timeout=60, record_timing=False,
             store_widget_state=False, resources={"metadata": {"path": str(EXAMPLES)}},
         )
-        # The kernel's own log (ipykernel's start-up warnings) is shown only if the run fails.
-        # cleanup_kc: we made the manager, so nbclient is to shut the kernel down.
-        with open(os.path.join(tmp, "kernel.log"), "w+") as log:
-            try:
-                client.execute(cleanup_kc=True, env=env, stderr=log)
-            except BaseException:
-                log.seek(0)
-                sys.stderr.write(log.read())
-                raise
+        try:
+            client.execute()
+        except BaseException:
+            log.seek(0)
+            sys.stderr.write(log.read())
+            raise
+        finally:
+            if client.kc is not None:  # nbclient closes its client only in kernels it started
+                client.kc.stop_channels()
 
 
 def refresh(path: pathlib.Path) -> float:
