@@ -305,7 +305,7 @@ def test_an_unpicklable_input_fails_at_once_and_nothing_is_sent(connect_kernel: 
         "sent = None\njobs_before = len(list(Runtime.current().jobs))")
     start = time.monotonic()
     cell = run(connect_kernel, f"{magic}\nwith lock:\n    pass")
-    assert time.monotonic() - start < 1.0  # checked in the kernel, before any round trip to Dask
+    assert time.monotonic() - start < 5  # at once: checked in the kernel, not at the 30 s deadline
     assert cell.error is not None and cell.error["ename"] == "TypeError", cell.text
     assert ("these inputs can't be serialised: lock (a _thread.lock: TypeError: cannot pickle "
             "'_thread.lock' object). Nothing was sent") in cell.error["evalue"]

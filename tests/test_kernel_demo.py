@@ -95,13 +95,13 @@ def test_exit_asks_the_frontend_to_close_as_in_ipython(demo: Kernel) -> None:
 
 
 def test_control_is_answered_while_a_cell_sleeps(demo: Kernel) -> None:
-    cell = demo.execute("import time\ntime.sleep(3)", wait=False)
+    cell = demo.execute("import time\ntime.sleep(5)", wait=False)
     time.sleep(0.3)
     start = time.monotonic()
     reply = control(demo, "kernel_info_request")
     assert reply["content"]["implementation"] == "kernel_demo"
-    # Generous: the cell sleeps 3 s; the reply must not have waited for it.
-    assert time.monotonic() - start < 1.5
+    # Generous (a loaded machine): the cell sleeps 5 s; the reply must not have waited for it.
+    assert time.monotonic() - start < 4
     assert cell.reply is None
     demo.wait(cell, timeout=10)
 
@@ -155,12 +155,12 @@ def test_input_without_stdin_is_a_clear_error(demo: Kernel) -> None:
 
 
 def test_a_cell_that_awaits_lets_other_requests_through(demo: Kernel) -> None:
-    cell = demo.execute("import asyncio\nawait asyncio.sleep(2)\n'slept'", wait=False)
+    cell = demo.execute("import asyncio\nawait asyncio.sleep(5)\n'slept'", wait=False)
     time.sleep(0.3)
     start = time.monotonic()
     reply = demo.client.complete("zi", reply=True, timeout=5)
     assert "zip" in reply["content"]["matches"]
-    assert time.monotonic() - start < 1.5 and cell.reply is None
+    assert time.monotonic() - start < 4 and cell.reply is None  # the cell awaits for 5 s
     demo.wait(cell, timeout=10)
     assert cell.results[-1]["text/plain"] == "'slept'"
 
