@@ -5,6 +5,7 @@ Every test drives a real ipykernel with the extension loaded.
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import subprocess
@@ -105,6 +106,48 @@ def test_kill_stops_a_child_that_is_not_yet_its_group_leader() -> None:
     assert not hung, f"kill() still waited after {took:.1f} s"
     assert ended == ["killed by SIGKILL"]
     assert len(children) == 0
+
+
+def test_killing_children_at_any_moment_of_their_start_300_times_leaves_nothing(fresh_kernel: Kernel) -> None:
+    # The owner may kill a child at any moment after it is registered: before it leads its group,
+    # before its guardian starts, while its relay starts. Each kill must end the call at once.
+    code = (
+        "import os, random, re, threading, time\n"
+        "import concur_magics.process as process\n"
+        "def fds():\n"
+        "    return len(os.listdir('/proc/self/fd'))\n"
+        "before = (fds(), threading.active_count())\n"
+        "children, rng, slow, ended = process.Children(), random.Random(7), [], []\n"
+        "for _ in range(300):\n"
+        "    def go():\n"
+        "        try:\n"
+        "            process.run_in_child(lambda ns: time.sleep(60), {}, 120, children=children)\n"
+        "        except BaseException as exc:\n"
+        "            ended.append(f'{type(exc).__name__}: ' + re.sub(r'\\d+', 'N', str(exc)))\n"
+        "    thread = threading.Thread(target=go)\n"
+        "    thread.start()\n"
+        "    while not len(children) and thread.is_alive():\n"
+        "        time.sleep(0)\n"
+        "    time.sleep(rng.choice([0, 0, 1e-4, 1e-3, 5e-3]))\n"
+        "    started = time.monotonic()\n"
+        "    children.kill_all()\n"
+        "    thread.join(30)\n"
+        "    if thread.is_alive() or time.monotonic() - started > 5:\n"
+        "        slow.append(round(time.monotonic() - started, 1))\n"
+        "(slow, len(children), len(ended), sorted(set(ended)))"
+    )
+    cell = run(fresh_kernel, code, timeout=300)
+    assert cell.status == "ok", cell.text
+    slow, left, count, outcomes = ast.literal_eval(cell.results[-1]["text/plain"])
+    assert slow == [] and left == 0, cell.results[-1]["text/plain"]
+    assert count == 300
+    assert outcomes == ["ChildDied: the cell's process (pid N) ended without a result: stopped by its owner"]
+    assert fresh_kernel.children() == []
+    # Nothing of the 300 children is held: their pipes, shared batches and guardians are closed.
+    # (A leak would show 300 times over; the kernel itself opens or closes a file now and then.)
+    grown = value(fresh_kernel, "fds() - before[0], threading.active_count() - before[1]")
+    fds_grown, threads_grown = ast.literal_eval(grown)
+    assert fds_grown < 10 and threads_grown == 0, (fds_grown, threads_grown)
 
 
 def test_the_owner_holds_one_registry_and_unload_kills_through_it(fresh_kernel: Kernel) -> None:
