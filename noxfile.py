@@ -9,7 +9,7 @@ The core suite is the whole suite but the browser tests and the soak/benchmark t
 ``browser`` and ``slow``); ``.venv/bin/python -m pytest`` still runs everything. Interpreters are
 looked up on PATH and in ``~/.pyenv/versions``. A session whose Python is missing is an error,
 never a pass. ``bash .ci/run`` runs ``tests-3.12``, ``tests-3.13`` and ``oldest`` side by
-side, beside the whole suite (``tests-3.11`` would repeat that suite's core), and skips, loudly, a
+side after the whole suite (``tests-3.11`` would repeat that suite's core), and skips, loudly, a
 session whose Python the machine lacks.
 """
 
