@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 from concur_magics import CellTimeout, background, run_with_timeout, timeout
@@ -63,6 +63,9 @@ def test_the_engine_fires_each_kept_call_once_in_due_order_and_no_cancelled_one(
     for entry, (_, cancel) in zip(entries, plan):
         if cancel:
             entry.cancel()
+    if time.monotonic() >= start:  # a loaded machine held this thread 0.2 s: not the plan to test
+        engine.close()
+        reject()
     kept = [i for i, (_, cancel) in enumerate(plan) if not cancel]
     deadline = time.monotonic() + 5  # far beyond the 250 ms the plan spans
     while len(fired) < len(kept) and time.monotonic() < deadline:
