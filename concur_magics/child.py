@@ -358,7 +358,7 @@ def child_main(
         if shell is not None:
             shell.display_pub = PipePublisher(outbox)
         builtins.input = _no_input  # type: ignore[assignment]
-        _answer_where(outbox)
+        _answer_where(outbox, work)
         before = dict(namespace)
         try:
             value = work(namespace)
@@ -378,16 +378,19 @@ def child_main(
         os._exit(code)
 
 
-def _answer_where(outbox: Outbox) -> None:
+def _answer_where(outbox: Outbox, work: Callable[[dict[str, Any]], Any]) -> None:
     """Send the user's frames running now when the parent sends ``WHERE_SIGNAL``.
 
     The handler runs between two bytecodes of the work (re-entering the outbox's lock is allowed
-    for this); the work then goes on until the parent kills the child.
+    for this); the work then goes on until the parent kills the child. Only frames the work called
+    count: a deadline that passes before the work starts (or after it ends) has none to show, not
+    the child's own set-up.
     """
+    below = getattr(work, "__code__", child_main.__code__)
 
     def where(signum: int, frame: types.FrameType | None) -> None:
         try:
-            outbox.send(("where", carried_frames(stack_frames(frame, below=child_main.__code__))))
+            outbox.send(("where", carried_frames(stack_frames(frame, below=below))))
         except Exception:  # noqa: BLE001 - no answer: the parent shows the timeout without frames
             pass
 

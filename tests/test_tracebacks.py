@@ -90,6 +90,15 @@ def test_a_timed_out_cell_shows_the_line_it_was_stopped_on(kernel: Kernel, mode:
     assert f"      1 %%timeout 2{mode}" in lines
 
 
+def test_a_process_deadline_that_passes_as_the_child_starts_shows_none_of_its_set_up(kernel: Kernel) -> None:
+    # The child may not have reached the cell's code at a deadline of a microsecond: its traceback
+    # then has no frame at all, never one of the child's own set-up (it once showed signal.py).
+    for _ in range(20):
+        cell = run(kernel, "%%timeout 1e-6 --mode process\nx = 1\nwhile True:\n    pass")
+        assert cell.error is not None and cell.error["ename"] == "CellTimeout", cell.text
+        assert frames(cell) in ([], expected(kernel, LOOP_FRAME)), cell.text
+
+
 @pytest.mark.parametrize("mode", ["", " --mode process"])
 def test_an_error_under_timeout_shows_what_a_plain_cell_shows(kernel: Kernel, mode: str) -> None:
     cell = run(kernel, f"%%timeout 5{mode}\nx = 1\nhelper(3)")
